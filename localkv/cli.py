@@ -1,0 +1,143 @@
+"""``localkv``: the command line. Each subcommand is a small function over the library API.
+
+Exit codes: 0 success; 2 a user error (one ``error:`` line on stderr, no traceback unless ``--debug``);
+1 an internal fault.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+
+from .errors import UserError
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None,
+                   help="embedded model name, GGUF file or Hugging Face directory (default: smollm2-135m)")
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ctx", default="8K", help="context size in tokens: 8192, 8K, 128K, 1M (default 8K)")
+    p.add_argument("--policy", default="exact", help="KV policy (default: exact)")
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: the GPU if there is one)")
+    p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: bf16 on GPU, fp32 on CPU)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="localkv", description="Chat with a local LLM over a long context.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--version", action="version", version=f"localkv {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="chat with a model, or answer one --prompt")
+    _add_model_options(run)
+    _add_run_options(run)
+    run.add_argument("--prompt", default=None, help="answer this prompt and exit ('-' reads standard input)")
+    run.add_argument("--system", default=None, help="system prompt")
+    run.add_argument("--max-tokens", type=int, default=512, help="most tokens per reply (default 512)")
+    run.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default 0)")
+    run.add_argument("--top-k", type=int, default=0)
+    run.add_argument("--top-p", type=float, default=1.0)
+    run.add_argument("--min-p", type=float, default=0.0)
+    run.add_argument("--repeat-penalty", type=float, default=1.0)
+    run.add_argument("--seed", type=int, default=None)
+    run.add_argument("--no-tui", action="store_true", help="plain line-by-line chat instead of the app")
+    run.set_defaults(func=cmd_run)
+
+    pull = sub.add_parser("pull", help="download an embedded model into the cache")
+    pull.add_argument("name", nargs="?", default="smollm2-135m")
+    pull.set_defaults(func=cmd_pull)
+
+    info = sub.add_parser("info", help="describe a model: architecture, parameters, context, template")
+    _add_model_options(info)
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _validate_run(args) -> None:
+    if args.max_tokens <= 0:
+        raise UserError(f"--max-tokens must be positive, got {args.max_tokens}")
+    if args.temperature < 0:
+        raise UserError(f"--temperature cannot be negative, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
+
+
+def cmd_run(args) -> int:
+    from . import api
+    from .units import parse_tokens
+
+    _validate_run(args)
+    parse_tokens(args.ctx)  # a bad --ctx fails before any loading
+    prompt = None
+    if args.prompt is not None:
+        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+        if not prompt.strip():
+            raise UserError("the prompt is empty")
+    llm = api.load(args.model, ctx=args.ctx, policy=args.policy, device=args.device, dtype=args.dtype)
+    options = dict(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed, top_k=args.top_k,
+                   top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repeat_penalty)
+    if prompt is not None:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": prompt}]
+        for event in llm.stream(messages, **options):
+            if event.text:
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+    from .tui.repl import run_repl
+
+    return run_repl(llm, system=args.system, options=options)
+
+
+def cmd_pull(args) -> int:
+    from .models.hub import pull
+
+    path = pull(args.name)
+    print(path)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .models.loader import describe
+
+    for key, value in describe(args.model).items():
+        print(f"{key:<18} {value}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except UserError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a fault of ours: say so, point at --debug
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: internal fault: {type(e).__name__}: {e} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+"""Triton kernels of localkv, each with its torch reference (see DESIGN.md, "Kernels").
+
+Every op ``op`` has a launcher ``op(...)`` that checks shapes and runs the Triton kernel when its tensors
+are on CUDA (or under ``TRITON_INTERPRET=1``), and ``op_ref(...)``, the plain torch version used on the
+CPU and as the test oracle. ``use_triton(*tensors)`` is that decision; ``KERNEL_CALLS`` counts launches.
+"""
+
+from ._common import KERNEL_CALLS, use_triton
+from .chunk_scores import chunk_scores, chunk_scores_ref
+from .gather_pinned import gather_pinned, gather_pinned_ref
+from .kv_quant import dequantize_page, dequantize_page_ref, quantize_page, quantize_page_ref
+from .lowrank_rope import lowrank_rope, lowrank_rope_ref
+from .merge_attention import merge_attention, merge_attention_ref
+from .sparse_attention import sparse_attention, sparse_attention_ref
+
+__all__ = [
+    "KERNEL_CALLS", "use_triton",
+    "sparse_attention", "sparse_attention_ref",
+    "merge_attention", "merge_attention_ref",
+    "chunk_scores", "chunk_scores_ref",
+    "lowrank_rope", "lowrank_rope_ref",
+    "gather_pinned", "gather_pinned_ref",
+    "quantize_page", "quantize_page_ref", "dequantize_page", "dequantize_page_ref",
+]

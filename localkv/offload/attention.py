@@ -1,0 +1,95 @@
+"""Exact attention over keys and values already laid out per KV head, with grouped-query sharing.
+
+Keys and values are (Hkv, S, D): position j of the sequence at row j. Queries are (T, Hq, D) for the
+positions ``q_start .. q_start+T-1``; query head h reads KV head ``h // G`` with ``G = Hq / Hkv``. For
+decode the G query heads of a group are folded into the query-length axis, (Hkv, G*T, D), so the KV is
+read once per group and never repeated in memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int) -> torch.Tensor:
+    """Causal attention of q (T, Hq, D) at positions ``q_start..`` over k, v (Hkv, S, D), S = q_start + T.
+
+    Returns (T, Hq, D).
+    """
+    T, Hq, D = q.shape
+    Hkv, S, _ = k.shape
+    G = Hq // Hkv
+    if T > 1 and q_start == 0:
+        # Plain causal prefill: (1, Hq, T, D) lets SDPA pick its flash path on a GPU.
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], k[None], v[None], is_causal=True, enable_gqa=G > 1)
+        return out[0].transpose(0, 1)
+    # (T, Hq, D) -> (Hkv, G*T, D): rows ordered (group member, token).
+    qg = q.transpose(0, 1).reshape(Hkv, G * T, D)
+    mask = None
+    if T > 1:
+        # Query t sits at position q_start + t and sees keys 0 .. q_start + t.
+        rows = torch.arange(T, device=q.device)[:, None] + q_start
+        mask = torch.arange(S, device=q.device)[None, :] <= rows  # (T, S)
+        mask = mask.repeat(G, 1)                                   # (G*T, S)
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)  # (Hkv, G*T, D)
+    return out.reshape(Hq, T, D).transpose(0, 1)
+
+
+def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q (T, Hq, D) over k, v (Hkv, S, D) with its log-sum-exp, for merging partial results.
+
+    ``causal`` aligns the queries with the last T keys (query t sees keys 0 .. S - T + t); otherwise every
+    key is visible. Returns out (T, Hq, D) fp32 and lse (T, Hq) fp32 (natural log of the sum of
+    exp(q.k / sqrt(D)) over the visible keys).
+    """
+    T, Hq, D = q.shape
+    Hkv, S, _ = k.shape
+    G = Hq // Hkv
+    scale = D ** -0.5
+    if G * T <= 64 or q.device.type not in ("cuda", "cpu"):
+        # Few query rows (decode): grouped fp32 matmuls, the KV read once per group.
+        qg = q.transpose(0, 1).reshape(Hkv, G * T, D).float()
+        s = torch.matmul(qg, k.float().transpose(1, 2)) * scale  # (Hkv, G*T, S)
+        if causal and T > 1:
+            rows = torch.arange(T, device=q.device).repeat(G)[:, None] + (S - T)
+            s = s.masked_fill(torch.arange(S, device=q.device)[None, :] > rows, float("-inf"))
+        lse = torch.logsumexp(s, dim=-1)                          # (Hkv, G*T)
+        out = torch.matmul(torch.exp(s - lse[..., None]), v.float())
+        return out.reshape(Hq, T, D).transpose(0, 1), lse.reshape(Hq, T).transpose(0, 1)
+    # Many rows (prefill): the fused kernels that return the LSE, with the KV heads repeated per group.
+    qh = q.transpose(0, 1)[None]                                  # (1, Hq, T, D)
+    kh = k.repeat_interleave(G, dim=0)[None] if G > 1 else k[None]
+    vh = v.repeat_interleave(G, dim=0)[None] if G > 1 else v[None]
+    causal = causal and T > 1
+    if causal and S != T:  # the kernels align a causal mask top-left; split off the fully visible prefix
+        o1, l1 = attention_lse(q, k[:, :S - T], v[:, :S - T], causal=False)
+        o2, l2 = attention_lse(q, k[:, S - T:], v[:, S - T:], causal=True)
+        return merge_attention([o1, o2], [l1, l2])
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qh, kh, vh, 0.0, causal, scale=scale)
+    elif q.dtype in (torch.float16, torch.bfloat16):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(qh, kh, vh, 0.0, causal, False, scale=scale)[:2]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+            qh, kh, vh, None, True, 0.0, causal, scale=scale)[:2]
+    return out[0].transpose(0, 1).float(), lse[0, :, :T].transpose(0, 1).float()
+
+
+def merge_attention(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention over the union of disjoint key sets from each part's (out, lse).
+
+    With m = max_i lse_i:  out = sum_i exp(lse_i - m) out_i / sum_i exp(lse_i - m),  lse = m + log(sum ...).
+    A part that saw no keys has lse = -inf and weight 0.
+    """
+    if len(outs) == 1:
+        return outs[0], lses[0]
+    lse = torch.stack(lses)                                      # (P, T, Hq)
+    m = lse.max(dim=0).values
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    w = torch.exp(lse - m)                                       # (P, T, Hq)
+    total = w.sum(dim=0)
+    out = sum(w_i[..., None] * o for w_i, o in zip(w, outs)) / total[..., None]
+    return out, m + torch.log(total)

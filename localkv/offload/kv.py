@@ -1,0 +1,75 @@
+"""The contract between the model and the KV cache: what an attention layer hands over and gets back.
+
+``models/`` knows nothing of tiers. Each attention layer gives its per-layer KV object the new tokens'
+queries, keys and values (keys and queries *before* RoPE, with the positions' rotary tables) and gets the
+attention output back. What the object keeps, where, and what each step attends to is the policy's business:
+
+    layer_kv.prefill(q, k, v, rp) -> out   exact causal attention for a prompt chunk; stores its KV
+    layer_kv.decode(q, k, v, rp)  -> out   attention for 1..γ new tokens (sparse policies select here)
+
+and the sequence-level cache around them:
+
+    start = cache.reserve(n)   positions start .. start+n-1 are about to be written (raises on overflow)
+    cache.commit(n)            every layer has stored them: they are part of the sequence now
+    cache.truncate(n)          keep only the first n tokens (speculative rollback, editing the last turn)
+    cache.stats()              occupancy, bytes moved, hits: what the UI and benchmarks show
+
+A forward that fails between ``reserve`` and ``commit`` leaves the cache as it was: whatever a layer wrote
+past ``length`` is overwritten by the next forward.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Protocol
+
+import torch
+
+from ..errors import ContextOverflowError
+from ..models.rope import RotaryPositions
+
+
+class LayerKV(Protocol):
+    """One layer's view of the cache, as the model's attention uses it. Shapes: q (T, Hq, D); k, v (T, Hkv, D)."""
+
+    def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rp: RotaryPositions) -> torch.Tensor:
+        ...
+
+    def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rp: RotaryPositions) -> torch.Tensor:
+        ...
+
+
+class KVCache(ABC):
+    """The KV of one sequence over all layers, under one policy."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        """Most tokens this cache may hold (the user's ``--ctx``)."""
+        self.length = 0
+        """Tokens committed so far."""
+
+    @abstractmethod
+    def layer(self, i: int) -> LayerKV:
+        """The per-layer object handed to attention layer ``i``."""
+
+    def reserve(self, n: int) -> int:
+        """Announce ``n`` new tokens; returns the position of the first. Raises when the context is full."""
+        if self.length + n > self.capacity:
+            raise ContextOverflowError(
+                f"{self.length + n:,} tokens do not fit in the context of {self.capacity:,} tokens "
+                f"({self.length:,} used, {n:,} new); start with a larger --ctx")
+        return self.length
+
+    def commit(self, n: int) -> None:
+        """Every layer has stored the ``n`` reserved tokens."""
+        self.length += n
+
+    def truncate(self, n: int) -> None:
+        """Drop every token from position ``n`` on."""
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {n}")
+        self.length = n
+
+    def stats(self) -> dict[str, Any]:
+        """Numbers for the UI and benchmarks (tokens held, bytes per tier, bytes moved, hit rate)."""
+        return {"tokens": self.length, "capacity": self.capacity}

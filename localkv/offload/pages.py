@@ -1,0 +1,104 @@
+"""Pages: the unit of KV allocation and of movement between tiers.
+
+A page holds ``page_tokens`` consecutive tokens of one layer, K and V of every KV head, laid out
+``(2, Hkv, page_tokens, D)``: K at [0], V at [1], and within each a run of tokens of one head is contiguous
+(``page_tokens * D`` elements), so sub-runs of a page can be gathered straight from pinned memory.
+KV is append-only: a full ("sealed") page never changes, so a page written to disk is never dirty.
+The page being filled (the "open" page of each layer) stays in device memory until it is full.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DISK_ALIGN = 4096  # O_DIRECT needs offsets, sizes and buffers aligned to the logical block size
+
+
+@dataclass(frozen=True)
+class PageGeometry:
+    n_layers: int
+    n_kv_heads: int
+    head_dim: int
+    page_tokens: int
+    dtype: torch.dtype
+
+    @property
+    def page_shape(self) -> tuple[int, int, int, int]:
+        return (2, self.n_kv_heads, self.page_tokens, self.head_dim)
+
+    @property
+    def page_bytes(self) -> int:
+        return 2 * self.n_kv_heads * self.page_tokens * self.head_dim * self.dtype.itemsize
+
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes a page takes in a disk file: the page rounded up to the O_DIRECT alignment."""
+        return -(-self.page_bytes // DISK_ALIGN) * DISK_ALIGN
+
+    @property
+    def bytes_per_token(self) -> int:
+        """KV bytes of one token over all layers."""
+        return self.n_layers * self.page_bytes // self.page_tokens
+
+    def n_pages(self, tokens: int) -> int:
+        return -(-tokens // self.page_tokens)
+
+
+class PagePool:
+    """Fixed-size page slots in one memory (device, or host memory pinned when a GPU is present).
+
+    Each layer has its own arenas of ``arena_pages`` slots, taken as first needed, so a large budget costs
+    nothing until the conversation grows into it, and a layer's pages, sealed in order, sit in consecutive
+    slots: a run of them moves in one copy. ``max_pages`` is the budget over all layers.
+    """
+
+    def __init__(self, geometry: PageGeometry, max_pages: int, device: torch.device, pin: bool = False,
+                 arena_pages: int = 64):
+        self.geometry = geometry
+        self.max_pages = max_pages
+        self.device = device
+        self.pin = pin
+        self.arena_pages = max(1, arena_pages)
+        self.arenas: list[list[torch.Tensor]] = [[] for _ in range(geometry.n_layers)]
+        self.free: list[list[int]] = [[] for _ in range(geometry.n_layers)]
+        self.allocated = 0  # slots backed by memory, over all layers
+        self.used = 0
+
+    def alloc(self, layer: int) -> int | None:
+        """A free slot id of ``layer``, or None when the pool is at its budget."""
+        if self.used >= self.max_pages:
+            return None
+        if not self.free[layer]:
+            n = min(self.arena_pages, max(1, self.max_pages - self.allocated))
+            arena = torch.empty((n, *self.geometry.page_shape), dtype=self.geometry.dtype, device=self.device,
+                                pin_memory=self.pin)
+            base = len(self.arenas[layer]) * self.arena_pages
+            self.arenas[layer].append(arena)
+            self.allocated += n
+            self.free[layer].extend(range(base + n - 1, base - 1, -1))
+        self.used += 1
+        return self.free[layer].pop()
+
+    def release(self, layer: int, slot: int) -> None:
+        self.used -= 1
+        self.free[layer].append(slot)
+
+    def page(self, layer: int, slot: int) -> torch.Tensor:
+        """The (2, Hkv, P, D) view of a slot."""
+        return self.arenas[layer][slot // self.arena_pages][slot % self.arena_pages]
+
+    def run(self, layer: int, slot: int, n: int) -> torch.Tensor | None:
+        """Slots slot..slot+n-1 as one (n, 2, Hkv, P, D) view when they share an arena, else None."""
+        a, i = divmod(slot, self.arena_pages)
+        arena = self.arenas[layer][a]
+        return arena[i:i + n] if i + n <= arena.shape[0] else None
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.max_pages * self.geometry.page_bytes
+
+    @property
+    def used_bytes(self) -> int:
+        return self.used * self.geometry.page_bytes

@@ -1,0 +1,71 @@
+"""The exact policy with the whole KV on the model's device: the correctness oracle for every other one.
+
+Keys are rotated as they are written (this policy never needs them unrotated) and kept with the values in
+per-layer buffers (Hkv, capacity, D) that grow by doubling up to the context limit, so a short chat on
+a long ``--ctx`` does not reserve the whole context up front.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...models.args import ModelArgs
+from ...models.rope import RotaryPositions
+from ..attention import causal_attention
+from ..kv import KVCache
+
+_MIN_ALLOC = 256
+
+
+class _ExactLayer:
+    def __init__(self, cache: "DeviceExactKV"):
+        self.cache = cache
+        self.k: torch.Tensor | None = None  # (Hkv, allocated, D) rotated keys
+        self.v: torch.Tensor | None = None
+
+    def _store(self, k: torch.Tensor, v: torch.Tensor, rp: RotaryPositions) -> int:
+        start, T = int(rp.pos[0]), k.shape[0]
+        end = start + T
+        if self.k is None or self.k.shape[1] < end:
+            self._grow(end, k)
+        self.k[:, start:end] = rp.rotate(k).transpose(0, 1)
+        self.v[:, start:end] = v.transpose(0, 1)
+        return start
+
+    def _grow(self, needed: int, like: torch.Tensor) -> None:
+        size = max(_MIN_ALLOC, self.k.shape[1] if self.k is not None else 0)
+        while size < needed:
+            size *= 2
+        size = min(max(size, needed), self.cache.capacity)
+        _, Hkv, D = like.shape
+        k = like.new_empty(Hkv, size, D)
+        v = like.new_empty(Hkv, size, D)
+        if self.k is not None:
+            n = self.cache.length
+            k[:, :n], v[:, :n] = self.k[:, :n], self.v[:, :n]
+        self.k, self.v = k, v
+
+    def prefill(self, q, k, v, rp):
+        start = self._store(k, v, rp)
+        end = start + k.shape[0]
+        return causal_attention(rp.rotate(q), self.k[:, :end], self.v[:, :end], start)
+
+    decode = prefill  # exact attention is the same computation for 1 token or a prompt chunk
+
+
+class DeviceExactKV(KVCache):
+    """Exact attention, all KV in memory of the model's device (GPU, or CPU on a machine without one)."""
+
+    name = "exact"
+
+    def __init__(self, args: ModelArgs, capacity: int):
+        super().__init__(capacity)
+        self.args = args
+        self.layers = [_ExactLayer(self) for _ in range(args.n_layers)]
+
+    def layer(self, i: int) -> _ExactLayer:
+        return self.layers[i]
+
+    def stats(self):
+        held = sum(l.k.numel() * l.k.element_size() * 2 for l in self.layers if l.k is not None)
+        return {**super().stats(), "device_bytes": held}

@@ -1,0 +1,85 @@
+"""The exact policy over the tiered store: full attention however far the KV has spread.
+
+A forward of T new tokens at positions start.. attends, per layer, to
+    the sealed pages of the prefix  (streamed block by block by the pipeline, from whatever tier holds them)
+    + the open page                 (the prefix's last, partly filled page, on the device)
+    + the new tokens themselves     (causal)
+each part giving (out, lse), merged exactly by log-sum-exp; then the new K, V are appended to the store.
+The same code serves a prefill chunk and a decode step: chunked prefill never needs the whole KV on the
+GPU, and decode moves every offloaded page once per token, the floor this policy is measured against.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...models.args import ModelArgs
+from ..attention import attention_lse, merge_attention
+from ..kv import KVCache
+from ..pages import PageGeometry
+from ..pipeline import BlockReader
+from ..store import Budgets, KVStore
+
+
+class _TieredExactLayer:
+    def __init__(self, cache: "TieredExactKV", layer: int):
+        self.cache, self.layer = cache, layer
+
+    def prefill(self, q, k, v, rp):
+        cache, store = self.cache, self.cache.store
+        start, T = int(rp.pos[0]), k.shape[0]
+        P = store.geometry.page_tokens
+        q, k = rp.rotate(q), rp.rotate(k)
+        outs, lses = [], []
+        for _, kv in cache.reader.blocks(self.layer):  # (n, 2, Hkv, P, D)
+            n = kv.shape[0]
+            keys = kv[:, 0].transpose(0, 1).reshape(kv.shape[2], n * P, -1)  # (Hkv, n*P, D)
+            values = kv[:, 1].transpose(0, 1).reshape(kv.shape[2], n * P, -1)
+            o, l = attention_lse(q, keys, values, causal=False)
+            outs.append(o)
+            lses.append(l)
+        partial = start % P
+        if partial:
+            page = store.open_page(self.layer)
+            o, l = attention_lse(q, page[0, :, :partial], page[1, :, :partial], causal=False)
+            outs.append(o)
+            lses.append(l)
+        o, l = attention_lse(q, k.transpose(0, 1), v.transpose(0, 1), causal=True)
+        outs.append(o)
+        lses.append(l)
+        out, _ = merge_attention(outs, lses)
+        store.write(self.layer, start, k, v)
+        return out.to(q.dtype)
+
+    decode = prefill
+
+
+class TieredExactKV(KVCache):
+    """Exact attention with the KV spread over GPU, pinned CPU and disk under the given budgets."""
+
+    name = "exact"
+
+    def __init__(self, args: ModelArgs, capacity: int, *, budgets: Budgets, device: torch.device | str,
+                 dtype: torch.dtype, page_tokens: int = 256, block_pages: int = 64, ring_blocks: int = 4):
+        super().__init__(capacity)
+        self.args = args
+        geometry = PageGeometry(args.n_layers, args.n_kv_heads, args.head_dim, page_tokens, dtype)
+        self.store = KVStore(geometry, budgets, torch.device(device))
+        self.reader = BlockReader(self.store, block_pages=block_pages, ring_blocks=ring_blocks)
+        self.layers = [_TieredExactLayer(self, i) for i in range(args.n_layers)]
+
+    def layer(self, i: int) -> _TieredExactLayer:
+        return self.layers[i]
+
+    def reserve(self, n: int) -> int:
+        start = super().reserve(n)
+        self.reader.begin(start)  # every layer will read the prefix: start moving it now
+        return start
+
+    def truncate(self, n: int) -> None:
+        super().truncate(n)
+        self.reader.drain()
+        self.store.truncate(n)
+
+    def stats(self):
+        return {**super().stats(), **self.store.stats()}

@@ -1,0 +1,254 @@
+"""The tiered KV store: pages on the GPU, in pinned CPU memory and on disk, each tier with a byte budget.
+
+    store.write(layer, start, k, v)    append tokens start.. of one layer (k, v: (T, Hkv, D) on the device)
+    store.runs(layer, n_tokens)        where the layer's first n tokens live, as runs of consecutive pages
+    store.open_page(layer)             the page being filled, on the device
+    store.truncate(n)                  drop every token from n on (pages past it are released everywhere)
+    store.stats()                      tokens and bytes per tier, bytes moved
+
+Placement: a page is sealed when full and goes to the fastest tier with room. When a tier is full its
+oldest page moves one tier down (GPU -> CPU -> disk), so the newest pages, the ones sparse policies read most,
+stay nearest the GPU, and a page is copied down at most twice and written to disk once in its life.
+Each layer has an equal share of every tier's budget (all layers hold the same tokens), so a layer's pages
+sit in consecutive slots of that layer's arenas and files: a run of them moves in one copy or one read.
+When neither tier below has room the store refuses with ContextOverflowError: a context past every tier.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import ContextOverflowError
+from .disk import DiskTier
+from .pages import PageGeometry, PagePool
+
+GPU, CPU, DISK = "gpu", "cpu", "disk"
+
+
+@dataclass
+class Budgets:
+    """Bytes of KV each tier may hold (the page being filled in each layer is not counted)."""
+
+    gpu_bytes: int
+    cpu_bytes: int
+    disk_dir: Path | None = None
+    disk_bytes: int | None = None
+    """Cap on the disk tier (None: as much as the file system holds)."""
+
+
+@dataclass
+class PageEntry:
+    """Where one sealed page lives; -1 where it is absent. Disk copies are permanent once written."""
+
+    gpu: int = -1
+    cpu: int = -1
+    disk: int = -1
+
+    @property
+    def tier(self) -> str:
+        return GPU if self.gpu >= 0 else CPU if self.cpu >= 0 else DISK
+
+
+@dataclass
+class Run:
+    """``n`` consecutive pages of one layer, from page ``first``, in consecutive slots of one tier."""
+
+    tier: str
+    first: int
+    n: int
+    slot: int
+
+
+@dataclass
+class MoveCounters:
+    h2d: int = 0
+    d2h: int = 0
+    disk_read: int = 0
+    disk_write: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+class KVStore:
+    def __init__(self, geometry: PageGeometry, budgets: Budgets, device: torch.device):
+        self.geometry = geometry
+        self.budgets = budgets
+        self.device = device
+        on_gpu = device.type == "cuda"
+        per_layer = lambda total: max(0, total // geometry.page_bytes // geometry.n_layers)  # noqa: E731
+        self.gpu = PagePool(geometry, per_layer(budgets.gpu_bytes), device)
+        self.cpu = PagePool(geometry, per_layer(budgets.cpu_bytes), torch.device("cpu"), pin=on_gpu)
+        self.disk = None
+        if budgets.disk_dir is not None:
+            max_pages = None if budgets.disk_bytes is None else budgets.disk_bytes // geometry.page_bytes
+            self.disk = DiskTier(geometry, budgets.disk_dir, max_pages)
+        L = geometry.n_layers
+        self.open = torch.zeros((L, *geometry.page_shape), dtype=geometry.dtype, device=device)
+        self.pages: list[list[PageEntry]] = [[] for _ in range(L)]
+        self.gpu_fifo: list[deque[int]] = [deque() for _ in range(L)]  # page indices, oldest first
+        self.cpu_fifo: list[deque[int]] = [deque() for _ in range(L)]
+        self.tokens = [0] * L
+        self.moved = MoveCounters()
+
+    # -- writing -----------------------------------------------------------------------------------------
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store tokens ``start .. start+T-1`` of ``layer``; k, v are (T, Hkv, D) on the device."""
+        if start != self.tokens[layer]:
+            self.truncate_layer(layer, start)  # a forward that failed half-way left a tail: drop it
+        P = self.geometry.page_tokens
+        T, pos, i = k.shape[0], start, 0
+        while i < T:
+            page, off = divmod(pos, P)
+            n = min(P - off, T - i)
+            self.open[layer, 0, :, off:off + n] = k[i:i + n].transpose(0, 1)
+            self.open[layer, 1, :, off:off + n] = v[i:i + n].transpose(0, 1)
+            pos, i = pos + n, i + n
+            if off + n == P:
+                self._seal(layer)
+        self.tokens[layer] = pos
+
+    def _seal(self, layer: int) -> None:
+        data = self.open[layer]
+        entry = PageEntry()
+        index = len(self.pages[layer])
+        slot = self._alloc(self.gpu, self.gpu_fifo, layer, self._demote_gpu)
+        if slot is not None:
+            self.gpu.page(layer, slot).copy_(data)
+            entry.gpu = slot
+            self.gpu_fifo[layer].append(index)
+        else:
+            slot = self._alloc(self.cpu, self.cpu_fifo, layer, self._demote_cpu)
+            if slot is not None:
+                self.cpu.page(layer, slot).copy_(data)
+                self.moved.d2h += self.geometry.page_bytes if self.device.type == "cuda" else 0
+                entry.cpu = slot
+                self.cpu_fifo[layer].append(index)
+            else:
+                entry.disk = self._write_disk(layer, data.cpu())
+        self.pages[layer].append(entry)
+
+    def _alloc(self, pool: PagePool, fifo: deque, layer: int, demote) -> int | None:
+        slot = pool.alloc(layer)
+        if slot is None and fifo[layer]:
+            demote(layer, fifo[layer].popleft())
+            slot = pool.alloc(layer)
+        return slot
+
+    def _demote_gpu(self, layer: int, index: int) -> None:
+        entry = self.pages[layer][index]
+        src = self.gpu.page(layer, entry.gpu)
+        slot = self._alloc(self.cpu, self.cpu_fifo, layer, self._demote_cpu)
+        if slot is not None:
+            self.cpu.page(layer, slot).copy_(src)
+            entry.cpu = slot
+            self.cpu_fifo[layer].append(index)
+            self.moved.d2h += self.geometry.page_bytes if self.device.type == "cuda" else 0
+        elif entry.disk < 0:
+            entry.disk = self._write_disk(layer, src.cpu())
+        self.gpu.release(layer, entry.gpu)
+        entry.gpu = -1
+
+    def _demote_cpu(self, layer: int, index: int) -> None:
+        entry = self.pages[layer][index]
+        if entry.disk < 0:
+            entry.disk = self._write_disk(layer, self.cpu.page(layer, entry.cpu))
+        self.cpu.release(layer, entry.cpu)
+        entry.cpu = -1
+
+    def _write_disk(self, layer: int, page: torch.Tensor) -> int:
+        if self.disk is None:
+            raise ContextOverflowError(
+                f"the KV cache outgrew the GPU and CPU budgets ({self.budgets.gpu_bytes / 2**30:.2f} GB + "
+                f"{self.budgets.cpu_bytes / 2**30:.2f} GB) at {self.tokens[layer]:,} tokens; "
+                f"give a --disk DIR, raise --cpu-mem, or lower --ctx")
+        slot = self.disk.write(layer, page)
+        self.moved.disk_write += self.geometry.page_bytes
+        return slot
+
+    # -- reading -----------------------------------------------------------------------------------------
+    def sealed_pages(self, layer: int, n_tokens: int) -> int:
+        """Pages of ``layer`` wholly inside the first ``n_tokens`` tokens."""
+        return min(n_tokens // self.geometry.page_tokens, len(self.pages[layer]))
+
+    def runs(self, layer: int, n_tokens: int, max_pages: int | None = None) -> list[Run]:
+        """The sealed pages among the first ``n_tokens`` tokens, as runs in one tier with consecutive slots."""
+        runs: list[Run] = []
+        for index in range(self.sealed_pages(layer, n_tokens)):
+            entry = self.pages[layer][index]
+            tier = entry.tier
+            slot = getattr(entry, tier)
+            last = runs[-1] if runs else None
+            if (last is not None and last.tier == tier and last.slot + last.n == slot
+                    and (max_pages is None or last.n < max_pages)
+                    and (tier == DISK or self._pool(tier).run(layer, last.slot, last.n + 1) is not None)):
+                last.n += 1
+            else:
+                runs.append(Run(tier, index, 1, slot))
+        return runs
+
+    def _pool(self, tier: str) -> PagePool:
+        return self.gpu if tier == GPU else self.cpu
+
+    def open_page(self, layer: int) -> torch.Tensor:
+        """The page being filled, (2, Hkv, P, D) on the device; its first ``tokens % P`` rows are valid."""
+        return self.open[layer]
+
+    # -- truncation --------------------------------------------------------------------------------------
+    def truncate(self, n_tokens: int) -> None:
+        """Keep only the first ``n_tokens`` tokens of every layer."""
+        for layer in range(self.geometry.n_layers):
+            self.truncate_layer(layer, n_tokens)
+
+    def truncate_layer(self, layer: int, n_tokens: int) -> None:
+        if n_tokens >= self.tokens[layer]:
+            return
+        P = self.geometry.page_tokens
+        keep, partial = divmod(n_tokens, P)
+        pages = self.pages[layer]
+        if partial and keep < len(pages):
+            self.open[layer].copy_(self.read_page(layer, keep))  # the cut page becomes the open page again
+        for index in range(len(pages) - 1, keep - 1, -1):
+            entry = pages.pop()
+            if entry.gpu >= 0:
+                self.gpu.release(layer, entry.gpu)
+                self.gpu_fifo[layer].remove(index)
+            if entry.cpu >= 0:
+                self.cpu.release(layer, entry.cpu)
+                self.cpu_fifo[layer].remove(index)
+            if entry.disk >= 0:
+                self.disk.release(layer, entry.disk)
+        self.tokens[layer] = n_tokens
+
+    def read_page(self, layer: int, index: int) -> torch.Tensor:
+        """One sealed page on the device, from wherever it lives (a slow path: truncation, sessions)."""
+        entry = self.pages[layer][index]
+        if entry.gpu >= 0:
+            return self.gpu.page(layer, entry.gpu)
+        if entry.cpu >= 0:
+            return self.cpu.page(layer, entry.cpu).to(self.device)
+        buf = torch.empty(self.geometry.page_shape, dtype=self.geometry.dtype)
+        self.disk.read_into(layer, entry.disk, buf, verify=True)
+        return buf.to(self.device)
+
+    # -- numbers -----------------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        P = self.geometry.page_tokens
+        count = {GPU: 0, CPU: 0, DISK: 0}
+        for layer_pages in self.pages:
+            for e in layer_pages:
+                count[e.tier] += 1
+        L = self.geometry.n_layers
+        open_tokens = self.tokens[0] % P if self.tokens else 0
+        return {
+            "gpu_tokens": count[GPU] * P // L + open_tokens, "cpu_tokens": count[CPU] * P // L,
+            "disk_tokens": count[DISK] * P // L,
+            "gpu_bytes": self.gpu.used_bytes + self.open.numel() * self.open.element_size(),
+            "cpu_bytes": self.cpu.used_bytes, "disk_bytes": self.disk.used_bytes if self.disk else 0,
+            "gpu_budget": self.budgets.gpu_bytes, "cpu_budget": self.budgets.cpu_bytes,
+            "moved_bytes": self.moved.as_dict(),
+        }

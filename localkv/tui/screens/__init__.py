@@ -1,0 +1,5 @@
+"""Screens of the chat app."""
+
+from .chat import ChatScreen
+
+__all__ = ["ChatScreen"]
