@@ -30,6 +30,9 @@ class LLM:
     def __init__(self, loaded: LoadedModel, engine: Engine):
         self.loaded = loaded
         self.engine = engine
+        self.plan = None
+        """What lives where (``localkv.offload.planner.Plan``), set by ``load``."""
+        self.resume_session: str | Path | None = None
 
     @property
     def args(self):
@@ -85,8 +88,18 @@ class LLM:
                                                    seed=seed, **options))
 
     def chat(self, system: str | None = None) -> "Chat":
-        """A multi-turn conversation whose KV carries over from turn to turn."""
+        """A multi-turn conversation whose KV carries over from turn to turn.
+
+        After ``load(..., session=PATH)`` the first call returns that saved conversation, resumed.
+        """
+        if self.resume_session is not None:
+            path, self.resume_session = self.resume_session, None
+            return self.load_session(path)
         return Chat(self, ChatSession(self.engine, system))
+
+    def load_session(self, path: str | Path) -> "Chat":
+        """Resume a conversation saved with ``Chat.save``; its KV is read back, not recomputed."""
+        return Chat(self, ChatSession.resume(self.engine, path))
 
 
 class Chat:
@@ -121,9 +134,15 @@ class Chat:
         """Start over (keeps the system prompt unless a new one is given)."""
         self.session.reset(system)
 
+    def save(self, path: str | Path) -> None:
+        """Save the conversation and its KV to a directory; resume with ``localkv.load(..., session=path)``."""
+        self.session.save(path)
+
 
 def load(model: str | Path | None = None, *, ctx: str | int = "8K", policy: str = "exact",
-         device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> LLM:
+         device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+         gpu_mem: str | int | None = None, cpu_mem: str | int | None = None, disk: str | Path | None = None,
+         kv_dtype: str | torch.dtype | None = None, session: str | Path | None = None) -> LLM:
     """Load a model for generation.
 
     Args:
@@ -133,10 +152,45 @@ def load(model: str | Path | None = None, *, ctx: str | int = "8K", policy: str 
         policy: which KV policy attends (``"exact"``).
         device: ``"cuda"``, ``"cpu"``...; the GPU when there is one.
         dtype: weights and activations dtype; bf16 on a GPU, fp32 on a CPU by default.
+        gpu_mem, cpu_mem: KV budget of the GPU and pinned-CPU tiers (``"2GB"``, ``"512MB"``, or bytes);
+            by default what the machine has free, with headroom.
+        disk: a directory for the disk tier; by default ``$LOCALKV_HOME/kv``, used only when the context
+            does not fit in GPU and CPU memory.
+        kv_dtype: dtype the KV is stored in (default: ``dtype``).
+        session: a saved chat session to resume (``Chat.save``); its KV is read back, not recomputed.
 
     Returns:
-        An ``LLM``.
+        An ``LLM``; ``llm.plan`` says what lives where.
     """
+    from .models.hub import home
+    from .models.loader import parse_dtype
+    from .offload.disk import check_writable
+    from .offload.planner import make_plan
+    from .offload.store import Budgets
+    from .units import parse_bytes
+
     ctx_tokens = parse_tokens(ctx)
+    gpu_bytes = parse_bytes(gpu_mem) if gpu_mem is not None else None
+    cpu_bytes = parse_bytes(cpu_mem) if cpu_mem is not None else None
+    if disk is not None:
+        disk = Path(disk).expanduser()
+        check_writable(disk)  # before any work
     loaded = load_model(model, device=device, dtype=dtype)
-    return LLM(loaded, Engine(loaded, ctx_tokens=ctx_tokens, policy=policy))
+    kv = parse_dtype(kv_dtype) if isinstance(kv_dtype, str) else (kv_dtype or loaded.model.dtype)
+    weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    plan = make_plan(loaded.args, ctx_tokens, model=loaded.source.name, policy=policy, device=loaded.model.device,
+                     kv_dtype=kv, weights_bytes=weights, gpu_mem=gpu_bytes, cpu_mem=cpu_bytes, disk=disk,
+                     default_disk=home() / "kv")
+    budgets = None
+    if plan.tiered or kv != loaded.model.dtype:
+        budgets = Budgets(plan.gpu.budget, plan.cpu.budget, Path(plan.disk_dir) if plan.disk_dir else None,
+                          plan.disk.budget or None)
+    engine = Engine(loaded, ctx_tokens=ctx_tokens, policy=policy, budgets=budgets, kv_dtype=kv)
+    llm = LLM(loaded, engine)
+    llm.plan = plan
+    if session is not None:
+        from .offload.session import read_manifest
+
+        read_manifest(Path(session))  # a bad path fails now, not at the first chat
+        llm.resume_session = session
+    return llm

@@ -23,6 +23,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", default="exact", help="KV policy (default: exact)")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: the GPU if there is one)")
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--gpu-mem", default=None, help="KV budget on the GPU, e.g. 4GB (default: what is free)")
+    p.add_argument("--cpu-mem", default=None, help="KV budget in pinned CPU memory, e.g. 16GB (default: 60%% of free RAM)")
+    p.add_argument("--disk", default=None, metavar="DIR",
+                   help="directory for the disk tier (default: $LOCALKV_HOME/kv, used only when needed)")
+    p.add_argument("--kv-dtype", default=None, help="dtype of the stored KV: fp32, fp16, bf16 (default: --dtype)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--repeat-penalty", type=float, default=1.0)
     run.add_argument("--seed", type=int, default=None)
     run.add_argument("--no-tui", action="store_true", help="plain line-by-line chat instead of the app")
+    run.add_argument("--session", default=None, metavar="PATH", help="resume a saved chat session")
     run.set_defaults(func=cmd_run)
+
+    plan = sub.add_parser("plan", help="what would live where for a model and context, and how fast")
+    _add_model_options(plan)
+    _add_run_options(plan)
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.set_defaults(func=cmd_plan)
 
     pull = sub.add_parser("pull", help="download an embedded model into the cache")
     pull.add_argument("name", nargs="?", default="smollm2-135m")
@@ -82,7 +94,10 @@ def cmd_run(args) -> int:
         prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
         if not prompt.strip():
             raise UserError("the prompt is empty")
-    llm = api.load(args.model, ctx=args.ctx, policy=args.policy, device=args.device, dtype=args.dtype)
+    llm = api.load(args.model, ctx=args.ctx, policy=args.policy, device=args.device, dtype=args.dtype,
+                   gpu_mem=args.gpu_mem, cpu_mem=args.cpu_mem, disk=args.disk, kv_dtype=args.kv_dtype,
+                   session=args.session)
+    print(f"plan: {llm.plan.line()}", file=sys.stderr)
     options = dict(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed, top_k=args.top_k,
                    top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repeat_penalty)
     if prompt is not None:
@@ -97,6 +112,32 @@ def cmd_run(args) -> int:
     from .tui.repl import run_repl
 
     return run_repl(llm, system=args.system, options=options)
+
+
+def cmd_plan(args) -> int:
+    import json
+    from pathlib import Path
+
+    from .models.hub import home
+    from .models.loader import default_device, default_dtype, parse_dtype, read_model_args
+    from .offload.disk import check_writable
+    from .offload.planner import make_plan
+    from .units import parse_bytes, parse_tokens
+
+    ctx = parse_tokens(args.ctx)
+    if args.disk:
+        check_writable(Path(args.disk).expanduser())
+    model_args, path, _, _ = read_model_args(args.model)
+    device = default_device() if args.device is None else __import__("torch").device(args.device)
+    dtype = parse_dtype(args.dtype) if args.dtype else default_dtype(device)
+    kv_dtype = parse_dtype(args.kv_dtype) if args.kv_dtype else dtype
+    plan = make_plan(model_args, ctx, model=path.name, policy=args.policy, device=device, kv_dtype=kv_dtype,
+                     weights_bytes=model_args.n_params() * dtype.itemsize,
+                     gpu_mem=parse_bytes(args.gpu_mem) if args.gpu_mem else None,
+                     cpu_mem=parse_bytes(args.cpu_mem) if args.cpu_mem else None,
+                     disk=args.disk, default_disk=home() / "kv")
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.table())
+    return 0
 
 
 def cmd_pull(args) -> int:

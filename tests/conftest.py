@@ -17,13 +17,27 @@ def smollm2_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
-def hf_smollm2(smollm2_gguf):
-    """transformers' ``(model, tokenizer)`` loaded from the same GGUF (fp32, eval); about 30 s, once a session."""
+def smollm2_tokenizer(smollm2_gguf):
+    """Our `Tokenizer` built from the embedded GGUF's metadata."""
+    from localkv.models.gguf import read_gguf_metadata
+    from localkv.models.tokenizer import Tokenizer
+
+    return Tokenizer.from_gguf(read_gguf_metadata(smollm2_gguf))
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2_tokenizer(smollm2_gguf):
+    """transformers' tokenizer loaded from the embedded GGUF (a few seconds, once a session). Do not mutate it."""
     transformers = pytest.importorskip("transformers")
-    kw = dict(gguf_file=smollm2_gguf.name)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), **kw)
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), **kw)
-    return model.float().eval(), tokenizer
+    return transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_gguf, hf_smollm2_tokenizer):
+    """transformers' ``(model, tokenizer)`` from the embedded GGUF (dequantized to fp32, eval mode); ~30 s, once."""
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+    return model.eval(), hf_smollm2_tokenizer
 
 
 def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -41,9 +55,9 @@ def write_gguf(path: Path, arch: str = "llama", *, layers: int = 2, dim: int = 6
                metadata: dict | None = None, extra_tensors: dict | None = None) -> dict[str, np.ndarray]:
     """Write a random Llama-family GGUF as llama.cpp's converter would; return its weights in our names (HF layout).
 
-    Weights are fp16-representable, so F32/F16 files reproduce them exactly. ``qtype`` (a GGMLQuantizationType)
-    quantizes the 2-D weights; ``metadata`` adds ``{key: value}`` (str, float, int, bool or list);
-    ``extra_tensors`` adds raw tensors ``{gguf_name: (array, raw_dtype or None)}``.
+    Weights are fp16-representable, so F32/F16 files reproduce them exactly. ``qtype`` (a GGMLQuantizationType,
+    or ``{gguf_name: type}``) stores the 2-D weights quantized; ``metadata`` adds ``{key: value}`` (str, float,
+    int, bool or list); ``extra_tensors`` adds raw tensors ``{gguf_name: (array, raw_dtype or None)}``.
     """
     import gguf
 
@@ -56,16 +70,14 @@ def write_gguf(path: Path, arch: str = "llama", *, layers: int = 2, dim: int = 6
     ours = {"embed_tokens.weight": rand(vocab, dim), "norm.weight": 1 + rand(dim)}
     if not tie:
         ours["lm_head.weight"] = rand(vocab, dim)
+    shapes = {"self_attn.q_proj": (heads * hd, dim), "self_attn.k_proj": (kv_heads * hd, dim),
+              "self_attn.v_proj": (kv_heads * hd, dim), "self_attn.o_proj": (dim, heads * hd),
+              "mlp.gate_proj": (ffn, dim), "mlp.up_proj": (ffn, dim), "mlp.down_proj": (dim, ffn)}
     for i in range(layers):
-        p = f"layers.{i}."
-        ours |= {p + "self_attn.q_proj.weight": rand(heads * hd, dim), p + "self_attn.k_proj.weight": rand(kv_heads * hd, dim),
-                 p + "self_attn.v_proj.weight": rand(kv_heads * hd, dim), p + "self_attn.o_proj.weight": rand(dim, heads * hd),
-                 p + "mlp.gate_proj.weight": rand(ffn, dim), p + "mlp.up_proj.weight": rand(ffn, dim),
-                 p + "mlp.down_proj.weight": rand(dim, ffn), p + "input_layernorm.weight": 1 + rand(dim),
-                 p + "post_attention_layernorm.weight": 1 + rand(dim)}
+        ours |= {f"layers.{i}.{n}.weight": rand(*shape) for n, shape in shapes.items()}
+        ours |= {f"layers.{i}.{n}.weight": 1 + rand(dim) for n in ("input_layernorm", "post_attention_layernorm")}
         if arch == "qwen2":
-            ours |= {p + "self_attn.q_proj.bias": rand(heads * hd), p + "self_attn.k_proj.bias": rand(kv_heads * hd),
-                     p + "self_attn.v_proj.bias": rand(kv_heads * hd)}
+            ours |= {f"layers.{i}.self_attn.{n}_proj.bias": rand(shapes[f"self_attn.{n}_proj"][0]) for n in "qkv"}
 
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name("tiny test model")
@@ -98,15 +110,21 @@ def write_gguf(path: Path, arch: str = "llama", *, layers: int = 2, dim: int = 6
     for name, value in ours.items():
         parts = name.split(".")
         if parts[0] == "layers":
-            gname = f"blk.{parts[1]}.{_GGUF_NAMES[parts[3] if parts[2] in ('self_attn', 'mlp') else parts[2]]}.{parts[-1]}"
+            gname = f"blk.{parts[1]}.{_GGUF_NAMES[parts[-2]]}.{parts[-1]}"
         else:
-            gname = {"embed_tokens": "token_embd", "norm": "output_norm", "lm_head": "output"}[parts[0]] + "." + parts[-1]
+            gname = {"embed_tokens": "token_embd", "norm": "output_norm", "lm_head": "output"}[parts[0]] + ".weight"
         if arch == "llama" and ".attn_q." in gname:
             value = permute_qk(value, heads)
         elif arch == "llama" and ".attn_k." in gname:
             value = permute_qk(value, kv_heads)
-        if qtype is not None and value.ndim == 2:
-            w.add_tensor(gname, gguf.quants.quantize(value, qtype), raw_dtype=qtype)
+        kind = qtype.get(gname) if isinstance(qtype, dict) else qtype
+        if kind is not None and value.ndim == 2:
+            try:
+                w.add_tensor(gname, gguf.quants.quantize(value, kind), raw_dtype=kind)
+            except NotImplementedError:  # a type gguf cannot (de)quantize: write random blocks of the right size
+                block, size = gguf.GGML_QUANT_SIZES[kind]
+                raw = rng.integers(0, 256, (value.shape[0], value.shape[1] // block * size), dtype=np.uint8)
+                w.add_tensor(gname, raw, raw_dtype=kind)
         else:
             w.add_tensor(gname, value)
     for gname, (value, raw_dtype) in (extra_tensors or {}).items():

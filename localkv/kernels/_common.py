@@ -2,13 +2,17 @@
 
 Path choice: a launcher runs its Triton kernel when ``TRITON_INTERPRET=1`` is set (the tests, on the CPU) or
 when its tensors are on a CUDA device, and the torch reference otherwise. ``LOCALKV_KERNELS=ref`` forces the
-reference everywhere (to bisect a suspected kernel bug). The environment is read at call time, but note that
-Triton itself decides interpreter vs compiler when a ``@triton.jit`` function is *defined*, so
-``TRITON_INTERPRET`` must be set before ``localkv.kernels`` is first imported (tests/kernels/conftest.py does).
+reference everywhere (to bisect a suspected kernel bug). The environment is read at call time.
+
+Triton decides interpreter vs compiler when a ``@triton.jit`` function is *defined* (its own library
+functions included, when ``triton`` is imported), so ``TRITON_INTERPRET=1`` must be in the environment
+before the first ``import triton`` / ``localkv.kernels`` of the process to interpret; `KERNELS_INTERPRETED`
+records how the kernels were defined. tests/kernels/conftest.py sets it and checks.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections import Counter
 
@@ -41,13 +45,22 @@ except ImportError:  # macOS / Windows wheels: the package still imports, every 
 
     triton = tl = _Stub()  # type: ignore[assignment]
 
-KERNEL_CALLS: Counter[str] = Counter()
-"""Triton launches per op name; tests read it to prove the kernel path ran, not the reference."""
+
+def _interpret_flag() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+KERNELS_INTERPRETED = HAS_TRITON and _interpret_flag()
+"""Whether this process defined its kernels (and Triton its own library) for the interpreter, at import."""
 
 
 def interpreting() -> bool:
-    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when launches go through Triton's CPU interpreter: kernels defined for it and the flag still set."""
+    return KERNELS_INTERPRETED and _interpret_flag()
+
+
+KERNEL_CALLS: Counter[str] = Counter()
+"""Triton launches per op name; tests read it to prove the kernel path ran, not the reference."""
 
 
 def use_triton(*tensors: torch.Tensor | None) -> bool:
@@ -89,8 +102,13 @@ def check(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def n_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (a small stand-in on the CPU interpreter)."""
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return 2

@@ -40,7 +40,10 @@ _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
 def hf_name(gguf_name: str) -> str | None:
-    """Our parameter name for a llama.cpp tensor name (``blk.3.attn_q.weight`` -> ``layers.3.self_attn.q_proj.weight``)."""
+    """Our parameter name for a llama.cpp tensor name (``blk.3.attn_q.weight`` -> ``layers.3.self_attn.q_proj.weight``).
+
+    None for a tensor that is not part of a Llama-family model.
+    """
     if m := _BLOCK_RE.match(gguf_name):
         layer, kind, suffix = m.groups()
         return f"layers.{layer}.{_BLOCK_NAMES[kind]}.{suffix}" if kind in _BLOCK_NAMES else None
@@ -81,9 +84,10 @@ def _open(path: Path):
         raise _fail(path, "not a GGUF file (no GGUF magic at the start)")
     try:
         reader = gguf.GGUFReader(path)
-    except Exception as exc:  # the reader raises ValueError/IndexError/... on truncated or corrupt headers
+    except Exception as exc:  # the reader raises ValueError/IndexError/... on truncated or corrupt files
         msg = " ".join(str(exc).split())
-        raise _fail(path, f"truncated or corrupt GGUF file ({type(exc).__name__}: {msg})") from None
+        raise _fail(path, f"truncated or corrupt GGUF file ({size:,} bytes; the reader failed with "
+                          f"{type(exc).__name__}: {msg})") from None
     for t in reader.tensors:
         if t.data_offset + t.n_bytes > size:
             raise _fail(path, f"truncated GGUF file: tensor {t.name} needs bytes up to "
@@ -92,12 +96,17 @@ def _open(path: Path):
 
 
 def read_metadata(reader) -> dict[str, Any]:
-    """Every key/value of a GGUF file as plain Python values (the reader's ``GGUF.*`` header keys left out)."""
+    """Every key/value of an open ``GGUFReader`` as plain Python values (its ``GGUF.*`` header keys left out)."""
     out = {}
     for key, field in reader.fields.items():
         if not key.startswith("GGUF."):
             out[key] = field.contents()
     return out
+
+
+def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata of a GGUF file (as `load_gguf` returns it) without reading any tensor data."""
+    return read_metadata(_open(Path(path)))
 
 
 def _rope_scaling(md: dict[str, Any], arch: str, freq_factors: np.ndarray | None, theta: float,

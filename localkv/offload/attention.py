@@ -61,6 +61,7 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
         return out.reshape(Hq, T, D).transpose(0, 1), lse.reshape(Hq, T).transpose(0, 1)
     # Many rows (prefill): the fused kernels that return the LSE, with the KV heads repeated per group.
     qh = q.transpose(0, 1)[None]                                  # (1, Hq, T, D)
+    k, v = k.to(q.dtype), v.to(q.dtype)  # the KV may be stored in another dtype (--kv-dtype)
     kh = k.repeat_interleave(G, dim=0)[None] if G > 1 else k[None]
     vh = v.repeat_interleave(G, dim=0)[None] if G > 1 else v[None]
     causal = causal and T > 1

@@ -21,7 +21,7 @@ past ``length`` is overwritten by the next forward.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import torch
 
@@ -47,6 +47,8 @@ class KVCache(ABC):
         """Most tokens this cache may hold (the user's ``--ctx``)."""
         self.length = 0
         """Tokens committed so far."""
+        self.n_layers = 0
+        """Set by each policy."""
 
     @abstractmethod
     def layer(self, i: int) -> LayerKV:
@@ -69,6 +71,43 @@ class KVCache(ABC):
         if not 0 <= n <= self.length:
             raise ValueError(f"cannot truncate a cache of {self.length} tokens to {n}")
         self.length = n
+
+    # -- sessions on disk: the KV of a layer as fixed pages (rotated keys), and back ------------------------
+    @abstractmethod
+    def token_runs(self, layer: int, n_tokens: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The rotated keys and values of tokens 0..n_tokens-1 of ``layer``, in order, as (Hkv, t, D) runs."""
+
+    @abstractmethod
+    def load_tokens(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store rotated keys and values (T, Hkv, D) of tokens start.. of ``layer`` as they are."""
+
+    def export_pages(self, layer: int, n_tokens: int, page_tokens: int) -> Iterator[torch.Tensor]:
+        """Pages (2, Hkv, page_tokens, D) covering the first ``n_tokens`` tokens (the last zero-padded)."""
+        buf, filled = None, 0
+        for k, v in self.token_runs(layer, n_tokens):
+            i = 0
+            while i < k.shape[1]:
+                if buf is None:
+                    buf = k.new_zeros(2, k.shape[0], page_tokens, k.shape[2])
+                n = min(page_tokens - filled, k.shape[1] - i)
+                buf[0, :, filled:filled + n] = k[:, i:i + n]
+                buf[1, :, filled:filled + n] = v[:, i:i + n]
+                filled, i = filled + n, i + n
+                if filled == page_tokens:
+                    yield buf
+                    buf, filled = None, 0
+        if buf is not None:
+            yield buf
+
+    def import_pages(self, layer: int, pages: torch.Tensor, n_tokens: int) -> None:
+        """Inverse of ``export_pages``: pages (n, 2, Hkv, P, D) holding the layer's first ``n_tokens``."""
+        P = pages.shape[3]
+        for i in range(pages.shape[0]):
+            t = min(P, n_tokens - i * P)
+            if t <= 0:
+                break
+            page = pages[i]
+            self.load_tokens(layer, i * P, page[0, :, :t].transpose(0, 1), page[1, :, :t].transpose(0, 1))
 
     def stats(self) -> dict[str, Any]:
         """Numbers for the UI and benchmarks (tokens held, bytes per tier, bytes moved, hit rate)."""

@@ -16,6 +16,9 @@ When neither tier below has room the store refuses with ContextOverflowError: a 
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +77,11 @@ class MoveCounters:
         return dict(self.__dict__)
 
 
+def _remove_scratch(disk: DiskTier, path: Path) -> None:
+    disk.close()
+    shutil.rmtree(path, ignore_errors=True)
+
+
 class KVStore:
     def __init__(self, geometry: PageGeometry, budgets: Budgets, device: torch.device):
         self.geometry = geometry
@@ -86,7 +94,13 @@ class KVStore:
         self.disk = None
         if budgets.disk_dir is not None:
             max_pages = None if budgets.disk_bytes is None else budgets.disk_bytes // geometry.page_bytes
-            self.disk = DiskTier(geometry, budgets.disk_dir, max_pages)
+            from .disk import check_writable
+
+            check_writable(Path(budgets.disk_dir))
+            # Each store has its own scratch directory, removed with the store.
+            scratch = Path(tempfile.mkdtemp(prefix="kv-", dir=budgets.disk_dir))
+            self.disk = DiskTier(geometry, scratch, max_pages)
+            weakref.finalize(self, _remove_scratch, self.disk, scratch)
         L = geometry.n_layers
         self.open = torch.zeros((L, *geometry.page_shape), dtype=geometry.dtype, device=device)
         self.pages: list[list[PageEntry]] = [[] for _ in range(L)]

@@ -67,19 +67,23 @@ class Engine:
     """Runs one loaded model under one KV policy."""
 
     def __init__(self, loaded: LoadedModel, *, ctx_tokens: int, policy: str = "exact",
-                 prefill_chunk: int | None = None, **policy_options):
+                 prefill_chunk: int | None = None, budgets=None, kv_dtype: torch.dtype | None = None,
+                 **policy_options):
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.ctx_tokens = ctx_tokens
         self.policy = policy
+        self.budgets = budgets
+        """Tier budgets (``localkv.offload.store.Budgets``), or None to keep the KV whole on the device."""
+        self.kv_dtype = kv_dtype or self.model.dtype
         self.policy_options = policy_options
         on_gpu = self.model.device.type == "cuda"
         self.prefill_chunk = prefill_chunk or (4096 if on_gpu else 512)
 
     def new_sequence(self) -> Sequence:
         return Sequence(make_cache(self.policy, self.loaded.args, self.ctx_tokens, device=self.model.device,
-                                   dtype=self.model.dtype, **self.policy_options))
+                                   dtype=self.kv_dtype, budgets=self.budgets, **self.policy_options))
 
     # -- prompt rendering --------------------------------------------------------------------------------
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:

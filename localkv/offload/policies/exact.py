@@ -24,13 +24,17 @@ class _ExactLayer:
         self.v: torch.Tensor | None = None
 
     def _store(self, k: torch.Tensor, v: torch.Tensor, rp: RotaryPositions) -> int:
-        start, T = int(rp.pos[0]), k.shape[0]
-        end = start + T
+        start = int(rp.pos[0])
+        self.write(start, rp.rotate(k), v)
+        return start
+
+    def write(self, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store rotated keys and values (T, Hkv, D) at positions start.."""
+        end = start + k.shape[0]
         if self.k is None or self.k.shape[1] < end:
             self._grow(end, k)
-        self.k[:, start:end] = rp.rotate(k).transpose(0, 1)
+        self.k[:, start:end] = k.transpose(0, 1)
         self.v[:, start:end] = v.transpose(0, 1)
-        return start
 
     def _grow(self, needed: int, like: torch.Tensor) -> None:
         size = max(_MIN_ALLOC, self.k.shape[1] if self.k is not None else 0)
@@ -61,10 +65,19 @@ class DeviceExactKV(KVCache):
     def __init__(self, args: ModelArgs, capacity: int):
         super().__init__(capacity)
         self.args = args
+        self.n_layers = args.n_layers
         self.layers = [_ExactLayer(self) for _ in range(args.n_layers)]
 
     def layer(self, i: int) -> _ExactLayer:
         return self.layers[i]
+
+    def token_runs(self, layer, n_tokens):
+        lay = self.layers[layer]
+        if n_tokens:
+            yield lay.k[:, :n_tokens], lay.v[:, :n_tokens]
+
+    def load_tokens(self, layer, start, k, v):
+        self.layers[layer].write(start, k, v)
 
     def stats(self):
         held = sum(l.k.numel() * l.k.element_size() * 2 for l in self.layers if l.k is not None)

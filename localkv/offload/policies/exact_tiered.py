@@ -63,6 +63,7 @@ class TieredExactKV(KVCache):
                  dtype: torch.dtype, page_tokens: int = 256, block_pages: int = 64, ring_blocks: int = 4):
         super().__init__(capacity)
         self.args = args
+        self.n_layers = args.n_layers
         geometry = PageGeometry(args.n_layers, args.n_kv_heads, args.head_dim, page_tokens, dtype)
         self.store = KVStore(geometry, budgets, torch.device(device))
         self.reader = BlockReader(self.store, block_pages=block_pages, ring_blocks=ring_blocks)
@@ -80,6 +81,19 @@ class TieredExactKV(KVCache):
         super().truncate(n)
         self.reader.drain()
         self.store.truncate(n)
+
+    def token_runs(self, layer, n_tokens):
+        store, P = self.store, self.store.geometry.page_tokens
+        for index in range(store.sealed_pages(layer, n_tokens)):
+            page = store.read_page(layer, index)
+            yield page[0], page[1]
+        rest = n_tokens % P
+        if rest and n_tokens // P == len(store.pages[layer]):
+            page = store.open_page(layer)
+            yield page[0, :, :rest], page[1, :, :rest]
+
+    def load_tokens(self, layer, start, k, v):
+        self.store.write(layer, start, k, v)
 
     def stats(self):
         return {**super().stats(), **self.store.stats()}

@@ -12,19 +12,16 @@ from ...errors import UserError
 HELP = """\
 **Commands**
 
-| | |
-|---|---|
-| `/attach PATH [question]` | a text file, or a directory of text files, added to the conversation; then the model answers |
-| `/save PATH` | save the session (its KV included) to disk |
-| `/load PATH` | open a saved session |
-| `/system TEXT` | set the system prompt (starts over) |
-| `/reset` | forget the conversation |
-| `/help` | this text |
-| `/quit` | leave |
+- `/attach PATH [question]`: a text file, or a directory of text files, added to the conversation; \
+then the model answers (quote a PATH with spaces)
+- `/save PATH`, `/load PATH`: a session (its KV included) to disk and back
+- `/system TEXT`: set the system prompt and start over (`/system` alone removes it)
+- `/reset`: forget the conversation
+- `/help`: this text; `/quit`: leave
 
-**Keys**: Enter sends · Ctrl+J (or Shift+Enter where the terminal reports it) adds a newline ·
-Esc stops a reply (the part written so far is kept) · Tab moves focus · Ctrl+C quits, and so does
-q when the message box is not focused.
+**Keys**: Enter sends · Ctrl+J (or Shift+Enter, where the terminal reports it) adds a newline · \
+Esc stops a reply (the part written so far is kept) · Tab moves the focus · Ctrl+C quits, and so does \
+q when the message box is not focused (Esc leaves it).
 """
 
 SESSIONS_LATER = "sessions on disk arrive with the tiered KV store"

@@ -40,7 +40,9 @@ class AssistantTurn(Vertical):
             await self._stream.write(text)
 
     def set_status(self, text: str) -> None:
-        self.query_one(".status", Static).update(text)
+        status = self.query_one(".status", Static)
+        status.update(text)
+        status.display = bool(text)
 
     async def finish(self, status: str) -> None:
         if self._stream is not None:

@@ -172,7 +172,10 @@ class SidePanel(VerticalScroll):
                 meter = Meter(label, id=f"tier-{label.lower()}")
                 box.mount(meter)
             meter.set(fraction, detail)
-        self.query_one("#traffic", Static).update("\n".join(traffic_lines(cache, extra)))
+        lines = traffic_lines(cache, extra)
+        traffic = self.query_one("#traffic", Static)
+        traffic.update("\n".join(lines))
+        traffic.display = bool(lines)
 
     def show_last(self, text: str) -> None:
         self.query_one("#last", Static).update(text)

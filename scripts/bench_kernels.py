@@ -1,0 +1,211 @@
+"""Benchmark localkv's Triton kernels on one CUDA GPU against ceilings measured in the same run.
+
+    python scripts/bench_kernels.py            # about 1-2 minutes on an H100 (autotuning included)
+
+Ceilings: device-to-device copy (read + write bytes / time) and pinned host-to-device copy. Each op reports
+achieved GB/s = bytes that must move / median time (triton.testing.do_bench, L2 flushed between runs),
+next to the plain torch way (the op's reference run on the GPU) and the max error against it. Shapes are
+Llama-3.1-8B's (Hkv 8, G 4, D 128, bf16) at 128K-token index lists. Goals: attention and scoring >= 70% of
+the copy bandwidth, pinned gather >= 80% of pinned H2D. JSON goes to $OUT/bench_kernels.json (default ./.out);
+the table is printed last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+HKV, G, D, CHUNK = 8, 4, 128, 8
+CTX_TOKENS = 128 * 1024
+DT = torch.bfloat16
+DEV = "cuda"
+
+
+def _pin(t: torch.Tensor) -> torch.Tensor:
+    return t.pin_memory()
+
+
+def _bench(fn) -> float:
+    from triton.testing import do_bench
+
+    fn()                                            # compile / autotune outside the timing
+    torch.cuda.synchronize()
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")  # ms
+
+
+def _maxerr(a, b) -> float:
+    return float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
+
+
+def ceilings() -> dict:
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device=DEV)
+    b = torch.empty_like(a)
+    copy_ms = _bench(lambda: b.copy_(a))
+    h = _pin(torch.empty(n // 2, dtype=torch.uint8))
+    d = torch.empty(n // 2, dtype=torch.uint8, device=DEV)
+    h2d_ms = _bench(lambda: d.copy_(h, non_blocking=True))
+    del a, b, d
+    return {"copy_GBps": 2 * n / copy_ms / 1e6, "h2d_pinned_GBps": (n // 2) / h2d_ms / 1e6}
+
+
+def _row(op, shape, nbytes, ms, ref_ms, err, ceiling_name, ceilings, goal, extra=None):
+    gbps = nbytes / ms / 1e6
+    pct = 100 * gbps / ceilings[ceiling_name]
+    return dict(op=op, shape=shape, MB=nbytes / 1e6, ms=ms, GBps=gbps, pct_of_ceiling=pct, ceiling=ceiling_name,
+                torch_ms=ref_ms, speedup=(ref_ms / ms) if ref_ms else None, max_err=err,
+                goal_pct=goal, meets_goal=(pct >= goal) if goal else None, **(extra or {}))
+
+
+def bench_attention(ceil, Tq):
+    from localkv.kernels import sparse_attention, sparse_attention_ref
+    from localkv.kernels.sparse_attention import _sparse_attention_tuned
+
+    n_sel, S = CTX_TOKENS // CHUNK, 512               # 128K selected tokens + a 512-token local window
+    q = torch.randn(Tq, HKV * G, D, dtype=DT, device=DEV)
+    kc, vc = (torch.randn(HKV, n_sel * CHUNK, D, dtype=DT, device=DEV) for _ in range(2))
+    kd, vd = (torch.randn(HKV, S, D, dtype=DT, device=DEV) for _ in range(2))
+    idx = torch.stack([torch.randperm(n_sel, device=DEV) for _ in range(HKV)]).int()
+    run = lambda: sparse_attention(q, kd, vd, kc, vc, idx)  # noqa: E731
+    ref = lambda: sparse_attention_ref(q, kd, vd, kc, vc, idx)  # noqa: E731
+    ms = _bench(run)
+    (o, lse), (ro, rlse) = run(), ref()
+    ref_ms = _bench(ref)
+    nbytes = 2 * HKV * (S + n_sel * CHUNK) * D * 2 + idx.numel() * 4 + 2 * q.numel() * 2
+    return _row("sparse_attention", f"Tq={Tq} list=128K+{S} dense", nbytes, ms, ref_ms,
+                max(_maxerr(o, ro), _maxerr(lse, rlse)), "copy_GBps", ceil, 70,
+                {"config": str(getattr(_sparse_attention_tuned, "best_config", None))})
+
+
+def bench_scores(ceil, mode):
+    from localkv.kernels import chunk_scores, chunk_scores_ref
+
+    C = CTX_TOKENS // CHUNK
+    q = torch.randn(1, HKV * G, D, dtype=DT, device=DEV)
+    a = torch.randn(HKV, C, D, dtype=DT, device=DEV)
+    kw = dict(landmarks=a) if mode == "landmark" else dict(kmin=a, kmax=a + 1.0)   # built once, outside timing
+    ms = _bench(lambda: chunk_scores(q, **kw))
+    ref_ms = _bench(lambda: chunk_scores_ref(q, **kw))
+    err = _maxerr(chunk_scores(q, **kw), chunk_scores_ref(q, **kw))
+    nbytes = len(kw) * a.numel() * 2 + HKV * C * 4
+    return _row("chunk_scores", f"{mode} C={C} chunks", nbytes, ms, ref_ms, err, "copy_GBps", ceil, 70)
+
+
+def bench_gather(ceil, n_sel):
+    from localkv.kernels import gather_pinned, gather_pinned_ref
+    from localkv.kernels.gather_pinned import _gather_pinned_tuned
+
+    N = CTX_TOKENS // CHUNK
+    src = _pin(torch.randn(HKV, N * CHUNK, D, dtype=DT))          # 2 KB chunks, 256 MB pool
+    idx = torch.stack([torch.randperm(N)[:n_sel] for _ in range(HKV)]).int().to(DEV)
+    out, ref_out = (torch.empty(HKV, n_sel * CHUNK, D, dtype=DT, device=DEV) for _ in range(2))
+    ms = _bench(lambda: gather_pinned(src, idx, out))
+    ref_ms = _bench(lambda: gather_pinned_ref(src, idx, ref_out))
+    nbytes = out.numel() * 2
+    h = _pin(torch.empty(nbytes, dtype=torch.uint8))
+    d = torch.empty(nbytes, dtype=torch.uint8, device=DEV)
+    same_size_ms = _bench(lambda: d.copy_(h, non_blocking=True))
+    err = float((out != ref_out).sum())
+    return _row("gather_pinned", f"{n_sel} chunks/head x 2KB", nbytes, ms, ref_ms, err, "h2d_pinned_GBps", ceil, 80,
+                {"h2d_same_size_GBps": nbytes / same_size_ms / 1e6,
+                 "config": str(getattr(_gather_pinned_tuned, "best_config", None))})
+
+
+def bench_lowrank(ceil, n_sel):
+    from localkv.kernels import lowrank_rope, lowrank_rope_ref
+
+    S, R = CTX_TOKENS, 160
+    u = torch.randn(S, R, dtype=DT, device=DEV)
+    sv = (torch.randn(HKV, R, D, device=DEV) / R ** 0.5).to(DT)
+    idx = torch.stack([torch.randperm(S // CHUNK, device=DEV)[:n_sel] for _ in range(HKV)]).int()
+    ang = torch.arange(S, device=DEV).float()[:, None] * torch.rand(D // 2, device=DEV)
+    cos, sin = torch.cat((ang, ang), -1).cos().to(DT), torch.cat((ang, ang), -1).sin().to(DT)
+    out, ref_out = (torch.empty(HKV, n_sel * CHUNK, D, dtype=DT, device=DEV) for _ in range(2))
+    ms = _bench(lambda: lowrank_rope(u, sv, idx, cos, sin, out))
+    ref_ms = _bench(lambda: lowrank_rope_ref(u, sv, idx, cos, sin, ref_out))
+    rows = HKV * n_sel * CHUNK
+    nbytes = rows * (R * 2 + D * 2 + 2 * D * 2)                         # U rows + out + cos/sin rows
+    tflops = 2 * rows * R * D / ms / 1e9
+    return _row("lowrank_rope", f"r={R} {n_sel} chunks/head", nbytes, ms, ref_ms, _maxerr(out, ref_out),
+                "copy_GBps", ceil, None, {"TFLOPs": tflops})
+
+
+def bench_quant(ceil, kind, bits):
+    from localkv.kernels import dequantize_page, dequantize_page_ref, quantize_page, quantize_page_ref
+
+    T, group = 32 * 1024, 32
+    x = torch.randn(HKV, T, D, dtype=DT, device=DEV)
+    kw = dict(kind=kind, bits=bits, group=group)
+    ms = _bench(lambda: quantize_page(x, **kw))
+    ref_ms = _bench(lambda: quantize_page_ref(x, **kw))
+    p, s, z = quantize_page(x, **kw)
+    nbytes = x.numel() * 2 + p.numel() + 2 * s.numel() * 4
+    q_row = _row("quantize_page", f"{kind} int{bits} {HKV}x{T}x{D}", nbytes, ms, ref_ms,
+                 _maxerr(dequantize_page(p, s, z, **kw), dequantize_page_ref(*quantize_page_ref(x, **kw), **kw)),
+                 "copy_GBps", ceil, None)
+    ms = _bench(lambda: dequantize_page(p, s, z, **kw))
+    ref_ms = _bench(lambda: dequantize_page_ref(p, s, z, **kw))
+    d_row = _row("dequantize_page", f"{kind} int{bits} {HKV}x{T}x{D}", nbytes, ms, ref_ms,
+                 _maxerr(dequantize_page(p, s, z, **kw), dequantize_page_ref(p, s, z, **kw)), "copy_GBps", ceil, None)
+    return [q_row, d_row]
+
+
+def _table(rows) -> str:
+    head = f"{'op':<17}{'shape':<30}{'MB':>9}{'ms':>9}{'GB/s':>9}{'%ceil':>7}{'torch ms':>10}{'speedup':>9}{'max err':>10}  goal"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['op']:<17}{r.get('shape', ''):<30}  ERROR {r['error']}")
+            continue
+        goal = "" if r["goal_pct"] is None else (f">={r['goal_pct']}% " + ("ok" if r["meets_goal"] else "MISSED"))
+        lines.append(f"{r['op']:<17}{r['shape']:<30}{r['MB']:>9.1f}{r['ms']:>9.3f}{r['GBps']:>9.0f}"
+                     f"{r['pct_of_ceiling']:>6.0f}%{r['torch_ms']:>10.3f}{r['speedup']:>8.1f}x{r['max_err']:>10.2g}  {goal}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("bench_kernels: needs a CUDA GPU (on the CPU every op runs its torch reference)", file=sys.stderr)
+        return 2
+    import triton
+
+    t0 = time.time()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ceil = ceilings()
+    print(f"ceilings: copy {ceil['copy_GBps']:.0f} GB/s, pinned H2D {ceil['h2d_pinned_GBps']:.1f} GB/s", flush=True)
+    jobs = [("sparse_attention", bench_attention, (1,)), ("sparse_attention", bench_attention, (8,)),
+            ("chunk_scores", bench_scores, ("landmark",)), ("chunk_scores", bench_scores, ("minmax",)),
+            ("gather_pinned", bench_gather, (256,)), ("gather_pinned", bench_gather, (4096,)),
+            ("lowrank_rope", bench_lowrank, (256,)), ("lowrank_rope", bench_lowrank, (4096,)),
+            ("kv_quant", bench_quant, ("key", 4)), ("kv_quant", bench_quant, ("value", 4)),
+            ("kv_quant", bench_quant, ("value", 8))]
+    rows = []
+    for name, fn, args in jobs:
+        t = time.time()
+        try:
+            got = fn(ceil, *args)
+            rows.extend(got if isinstance(got, list) else [got])
+        except Exception as e:  # keep going: one broken op must not hide the others' numbers
+            traceback.print_exc()
+            rows.append({"op": name, "shape": str(args), "error": f"{type(e).__name__}: {e}"[:300]})
+        torch.cuda.empty_cache()
+        print(f"  {name}{args}: {time.time() - t:.1f}s", flush=True)
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "ceilings": ceil, "rows": rows, "wall_s": time.time() - t0}
+    out_dir = os.environ.get("OUT") or "./.out"
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "bench_kernels.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"\n{result['device']}  torch {torch.__version__}  triton {triton.__version__}  "
+          f"copy {ceil['copy_GBps']:.0f} GB/s  pinned H2D {ceil['h2d_pinned_GBps']:.1f} GB/s  ({result['wall_s']:.0f}s)")
+    print(_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
