@@ -21,7 +21,9 @@ import traceback
 import torch
 
 HKV, G, D, CHUNK = 8, 4, 128, 8
-CTX_TOKENS = 128 * 1024
+CTX_TOKENS = 128 * 1024          # index lists / chunk pools of 128K tokens
+BUDGET_CHUNKS = (256, 4096)      # chunks per head for gather and rebuild: a 2K-token budget, and 32K tokens
+QUANT_TOKENS = 32 * 1024         # tokens of the quantized page
 DT = torch.bfloat16
 DEV = "cuda"
 
@@ -77,7 +79,7 @@ def bench_attention(ceil, Tq):
     (o, lse), (ro, rlse) = run(), ref()
     ref_ms = _bench(ref)
     nbytes = 2 * HKV * (S + n_sel * CHUNK) * D * 2 + idx.numel() * 4 + 2 * q.numel() * 2
-    return _row("sparse_attention", f"Tq={Tq} list=128K+{S} dense", nbytes, ms, ref_ms,
+    return _row("sparse_attention", f"Tq={Tq} list={n_sel * CHUNK // 1024}K+{S} dense", nbytes, ms, ref_ms,
                 max(_maxerr(o, ro), _maxerr(lse, rlse)), "copy_GBps", ceil, 70,
                 {"config": str(getattr(_sparse_attention_tuned, "best_config", None))})
 
@@ -138,7 +140,7 @@ def bench_lowrank(ceil, n_sel):
 def bench_quant(ceil, kind, bits):
     from localkv.kernels import dequantize_page, dequantize_page_ref, quantize_page, quantize_page_ref
 
-    T, group = 32 * 1024, 32
+    T, group = QUANT_TOKENS, 32
     x = torch.randn(HKV, T, D, dtype=DT, device=DEV)
     kw = dict(kind=kind, bits=bits, group=group)
     ms = _bench(lambda: quantize_page(x, **kw))
@@ -156,7 +158,8 @@ def bench_quant(ceil, kind, bits):
 
 
 def _table(rows) -> str:
-    head = f"{'op':<17}{'shape':<30}{'MB':>9}{'ms':>9}{'GB/s':>9}{'%ceil':>7}{'torch ms':>10}{'speedup':>9}{'max err':>10}  goal"
+    head = (f"{'op':<17}{'shape':<30}{'MB':>9}{'ms':>9}{'GB/s':>9}{'%ceil':>7}{'torch ms':>10}{'speedup':>9}"
+            f"{'max err':>10}  goal")
     lines = [head, "-" * len(head)]
     for r in rows:
         if "error" in r:
@@ -164,7 +167,8 @@ def _table(rows) -> str:
             continue
         goal = "" if r["goal_pct"] is None else (f">={r['goal_pct']}% " + ("ok" if r["meets_goal"] else "MISSED"))
         lines.append(f"{r['op']:<17}{r['shape']:<30}{r['MB']:>9.1f}{r['ms']:>9.3f}{r['GBps']:>9.0f}"
-                     f"{r['pct_of_ceiling']:>6.0f}%{r['torch_ms']:>10.3f}{r['speedup']:>8.1f}x{r['max_err']:>10.2g}  {goal}")
+                     f"{r['pct_of_ceiling']:>6.0f}%{r['torch_ms']:>10.3f}{r['speedup']:>8.1f}x"
+                     f"{r['max_err']:>10.2g}  {goal}")
     return "\n".join(lines)
 
 
@@ -180,8 +184,8 @@ def main() -> int:
     print(f"ceilings: copy {ceil['copy_GBps']:.0f} GB/s, pinned H2D {ceil['h2d_pinned_GBps']:.1f} GB/s", flush=True)
     jobs = [("sparse_attention", bench_attention, (1,)), ("sparse_attention", bench_attention, (8,)),
             ("chunk_scores", bench_scores, ("landmark",)), ("chunk_scores", bench_scores, ("minmax",)),
-            ("gather_pinned", bench_gather, (256,)), ("gather_pinned", bench_gather, (4096,)),
-            ("lowrank_rope", bench_lowrank, (256,)), ("lowrank_rope", bench_lowrank, (4096,)),
+            *[("gather_pinned", bench_gather, (n,)) for n in BUDGET_CHUNKS],
+            *[("lowrank_rope", bench_lowrank, (n,)) for n in BUDGET_CHUNKS],
             ("kv_quant", bench_quant, ("key", 4)), ("kv_quant", bench_quant, ("value", 4)),
             ("kv_quant", bench_quant, ("value", 8))]
     rows = []
@@ -202,7 +206,8 @@ def main() -> int:
     with open(os.path.join(out_dir, "bench_kernels.json"), "w") as f:
         json.dump(result, f, indent=2)
     print(f"\n{result['device']}  torch {torch.__version__}  triton {triton.__version__}  "
-          f"copy {ceil['copy_GBps']:.0f} GB/s  pinned H2D {ceil['h2d_pinned_GBps']:.1f} GB/s  ({result['wall_s']:.0f}s)")
+          f"copy {ceil['copy_GBps']:.0f} GB/s  pinned H2D {ceil['h2d_pinned_GBps']:.1f} GB/s  "
+          f"({result['wall_s']:.0f}s)")
     print(_table(rows))
     return 0
 

@@ -164,7 +164,8 @@ def chunk_scores(q, landmarks=None, *, kmin=None, kmax=None, sm_scale: float | N
         TQ_PAD *= 2
     BLOCK_M = G_PAD * TQ_PAD
     check(BLOCK_M <= 256, f"G*Tq padded = {BLOCK_M} query rows per group: at most 256")
-    BLOCK_C = 32 if interpreting() else (128 if BLOCK_M <= 32 else 64)
+    # GPU tiles: landmark (BLOCK_M, 128) unless many rows; min/max reads two abstracts, so half as many chunks
+    BLOCK_C = 32 if interpreting() else (128 if BLOCK_M <= 32 and not minmax else 64)
     n_blk = -(-C // BLOCK_C)
     a, b = (kmin, kmax) if minmax else (landmarks, landmarks)
     if minmax:   # scratch is unused: pass `out` in its place

@@ -45,7 +45,8 @@ def _gather_pinned_kernel(
     tl.store(out_ptr + h * stride_oh + dst_chunk[:, None] * CHUNK_ELEMS + offs_e[None, :], x, mask=mask)
 
 
-_CONFIGS = [triton.Config({"CHUNKS_PER_PROG": c}, num_warps=w) for c, w in [(1, 4), (2, 4), (4, 4), (4, 8), (8, 8)]]
+_CONFIGS = [triton.Config({"CHUNKS_PER_PROG": c}, num_warps=w)
+            for c, w in [(1, 4), (2, 4), (4, 4), (4, 8), (8, 8), (16, 8)]]
 _gather_pinned_tuned = triton.autotune(_CONFIGS, key=["CHUNK_ELEMS", "HAS_DST"])(_gather_pinned_kernel)
 
 

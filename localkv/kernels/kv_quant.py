@@ -187,7 +187,8 @@ def _check_common(H, T, D, kind, bits, group):
 
 def _grid_meta(H, T, D, kind, bits, group):
     if kind == "key":   # one token group per program, all channel pairs at once
-        return (H, -(-T // group)), dict(KEY=True, BITS=bits, QMAX=(1 << bits) - 1, GROUP=group, BLOCK_T=next_pow2(group),
+        return (H, -(-T // group)), dict(KEY=True, BITS=bits, QMAX=(1 << bits) - 1, GROUP=group,
+                                         BLOCK_T=next_pow2(group),
                                          BLOCK_P=next_pow2(D // 2), N_GROUPS=1)
     block_t = 16 if interpreting() else 32
     return (H, -(-T // block_t)), dict(KEY=False, BITS=bits, QMAX=(1 << bits) - 1, GROUP=group, BLOCK_T=block_t,

@@ -131,6 +131,6 @@ def lowrank_rope(u, sv, idx, cos, sin, out, *, pos=None, chunk_tokens: int = 8):
         n_sel, R, D // 2,
         CHUNK=chunk_tokens, HAS_POS=pos is not None,
         BLOCK_T=BLOCK_T, BLOCK_R=32, BLOCK_H=max(16, next_pow2(D // 2)),
-        **dot_flags(u.dtype), num_warps=4, num_stages=3,
+        **dot_flags(u.dtype), num_warps=8, num_stages=3,   # 8 warps: two (64, 64) fp32 accumulators
     )
     return out

@@ -141,7 +141,7 @@ def _gather_chunks(x: torch.Tensor, idx: torch.Tensor, chunk_tokens: int) -> tor
     """x (Hkv, n_slots*chunk, D), idx (Hkv, n_sel) -> (Hkv, n_sel*chunk, D): the selected chunks in list order."""
     Hkv, _, D = x.shape
     heads = torch.arange(Hkv, device=x.device)[:, None]
-    return x.view(Hkv, -1, chunk_tokens, D)[heads, idx.long()].reshape(Hkv, -1, D)
+    return x.reshape(Hkv, -1, chunk_tokens, D)[heads, idx.long()].reshape(Hkv, -1, D)
 
 
 def sparse_attention_ref(q, k_dense=None, v_dense=None, k_chunks=None, v_chunks=None, idx=None, *,
@@ -213,7 +213,8 @@ def sparse_attention(q, k_dense=None, v_dense=None, k_chunks=None, v_chunks=None
     for name, x in (("k_dense", k_dense), ("v_dense", v_dense), ("k_chunks", k_chunks), ("v_chunks", v_chunks)):
         if x is None:
             continue
-        check(x.dim() == 3 and x.shape[0] == Hkv and x.shape[2] == D, f"{name} {tuple(x.shape)}: want (Hkv={Hkv}, *, D={D})")
+        check(x.dim() == 3 and x.shape[0] == Hkv and x.shape[2] == D,
+              f"{name} {tuple(x.shape)}: want (Hkv={Hkv}, *, D={D})")
         check(x.dtype == q.dtype, f"{name} dtype {x.dtype} != q dtype {q.dtype}")
         check(x.stride(2) == 1 or x.numel() == 0, f"{name}: last dim must be contiguous")
     if k_dense is not None:
@@ -222,7 +223,8 @@ def sparse_attention(q, k_dense=None, v_dense=None, k_chunks=None, v_chunks=None
     n_sel = 0
     if k_chunks is not None:
         check(v_chunks.shape == k_chunks.shape, "k_chunks and v_chunks shapes differ")
-        check(k_chunks.shape[1] % chunk_tokens == 0, f"chunk buffer rows {k_chunks.shape[1]} not a multiple of {chunk_tokens}")
+        check(k_chunks.shape[1] % chunk_tokens == 0,
+              f"chunk buffer rows {k_chunks.shape[1]} not a multiple of {chunk_tokens}")
         check(idx.dim() == 2 and idx.shape[0] == Hkv, f"idx must be (Hkv={Hkv}, n_sel), got {tuple(idx.shape)}")
         check(idx.dtype in (torch.int32, torch.int64), f"idx must be int32/int64, got {idx.dtype}")
         n_sel = idx.shape[1]

@@ -109,7 +109,7 @@ def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return read_metadata(_open(Path(path)))
 
 
-def _rope_scaling(md: dict[str, Any], arch: str, freq_factors: np.ndarray | None, theta: float,
+def _rope_scaling(path: Path, md: dict[str, Any], arch: str, freq_factors: np.ndarray | None, theta: float,
                   head_dim: int) -> dict[str, Any] | None:
     p = f"{arch}.rope.scaling."
     kind = md.get(p + "type")
@@ -124,13 +124,13 @@ def _rope_scaling(md: dict[str, Any], arch: str, freq_factors: np.ndarray | None
             s["attention_factor"] = float(v)
         return s
     if kind not in (None, "none"):
-        raise ModelFormatError(f"RoPE scaling type {kind!r} is not supported (localkv runs: linear, yarn, llama3)")
+        raise _fail(path, f"RoPE scaling type {kind!r} is not supported (localkv runs: linear, yarn, llama3)")
     if freq_factors is not None:
-        return _llama3_from_factors(freq_factors, theta, head_dim)
+        return _llama3_from_factors(path, freq_factors, theta, head_dim)
     return None
 
 
-def _llama3_from_factors(factors: np.ndarray, theta: float, head_dim: int) -> dict[str, Any]:
+def _llama3_from_factors(path: Path, factors: np.ndarray, theta: float, head_dim: int) -> dict[str, Any]:
     """Llama 3.1+ GGUFs carry their RoPE scaling as ``rope_freqs.weight``: one divisor per frequency.
 
     llama3 scaling divides inv_freq by 1 (short wavelengths), by ``factor`` (long ones) and by a blend
@@ -154,7 +154,7 @@ def _llama3_from_factors(factors: np.ndarray, theta: float, head_dim: int) -> di
         scaling["low_freq_factor"], scaling["high_freq_factor"] = float(-b * span), float(-b * span + span)
     rebuilt = inv / _llama3_inv_freq(torch.from_numpy(inv), scaling).numpy()
     if not np.allclose(rebuilt, factors, rtol=1e-3, atol=1e-3):
-        raise ModelFormatError("rope_freqs.weight does not match Llama 3 RoPE scaling; cannot run this RoPE")
+        raise _fail(path, "tensor rope_freqs.weight does not match Llama 3 RoPE scaling; cannot run this RoPE")
     return scaling
 
 
@@ -179,8 +179,9 @@ def _args(path: Path, md: dict[str, Any], shapes: dict[str, tuple[int, ...]],
         n_kv = get("attention.head_count_kv", n_heads)
         q_rows = shapes.get("blk.0.attn_q.weight", (n_heads * (dim // n_heads),))[0]
         head_dim = get("attention.key_length") or q_rows // n_heads
+        # The embedding's rows are the model's vocabulary; some converters pad it past the token list.
         tokens = md.get("tokenizer.ggml.tokens")
-        vocab = len(tokens) if tokens else get("vocab_size") or shapes["token_embd.weight"][0]
+        vocab = shapes["token_embd.weight"][0] if "token_embd.weight" in shapes else len(tokens or ())
         eos = [md[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
                                "tokenizer.ggml.eom_token_id") if md.get(k) is not None]
         theta = float(get("rope.freq_base", 10000.0))
@@ -188,7 +189,7 @@ def _args(path: Path, md: dict[str, Any], shapes: dict[str, tuple[int, ...]],
             arch=arch, dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim,
             ffn_dim=get("feed_forward_length"), vocab_size=vocab,
             norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)), rope_theta=theta,
-            rope_scaling=_rope_scaling(md, gguf_arch, freq_factors, theta, head_dim),
+            rope_scaling=_rope_scaling(path, md, gguf_arch, freq_factors, theta, head_dim),
             max_seq_len=get("context_length", 4096),
             tie_embeddings="output.weight" not in shapes,
             qkv_bias="blk.0.attn_q.bias" in shapes, o_bias="blk.0.attn_output.bias" in shapes,
@@ -232,7 +233,9 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32
         dtype: dtype of the returned weights (quantized tensors are dequantized through fp32 first).
 
     Returns:
-        ``(args, state_dict, metadata)``: the model's `ModelArgs`; its weights on the CPU under our
+        ``(args, state_dict, metadata)``: the model's `ModelArgs` (``eos_token_id`` lists the file's EOS,
+        EOT and EOM tokens; RoPE scaling from ``rope.scaling.*`` or, for Llama 3.1+, from the
+        ``rope_freqs`` tensor); its weights on the CPU under our
         parameter names (``layers.0.self_attn.q_proj.weight`` ...; no ``lm_head.weight`` when the
         embeddings are tied); and every metadata key of the file as plain Python values (including
         ``tokenizer.ggml.*`` and ``tokenizer.chat_template``).

@@ -26,7 +26,6 @@ from ..errors import ModelFormatError
 
 UNKNOWN, CONTROL, USER_DEFINED = 2, 3, 4  # llama.cpp token types
 
-_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
@@ -37,6 +36,7 @@ _TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{L
 
 # tokenizer.ggml.pre -> (split regex, or None for GPT-2's built into ByteLevel; digits split one by one
 # first; BPE ignore_merges: a pre-token that is itself in the vocabulary is taken whole, as Llama 3 does).
+# Names not listed get GPT-2's split, as in transformers.
 _PRE: dict[str, tuple[str | None, bool, bool]] = {
     **{name: (None, False, False) for name in ("default", "gpt2", "mpt", "olmo", "jais")},
     **{name: (None, True, False) for name in ("smollm", "starcoder", "refact", "command-r", "codeshell",

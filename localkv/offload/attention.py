@@ -21,19 +21,19 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start:
     Hkv, S, _ = k.shape
     G = Hq // Hkv
     if T > 1 and q_start == 0:
-        # Plain causal prefill: (1, Hq, T, D) lets SDPA pick its flash path on a GPU.
+        # Plain causal prefill: (1, Hq, T, D) lets SDPA pick its flash path.
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1)[None], k[None], v[None], is_causal=True, enable_gqa=G > 1)
         return out[0].transpose(0, 1)
-    # (T, Hq, D) -> (Hkv, G*T, D): rows ordered (group member, token).
+    if T > 1 or q.device.type == "cpu":
+        # A chunk after a prefix: the prefix (all visible) and the chunk (causal) as two fused attentions
+        # merged by their log-sum-exp, several times faster than one attention with a (T, S) mask.
+        # On a CPU the same function's small-query path is also the fastest decode.
+        out, _ = attention_lse(q, k, v, causal=True)
+        return out.to(q.dtype)
+    # GPU decode: (T, Hq, D) -> (Hkv, G*T, D), the G query heads of a group share one read of their KV.
     qg = q.transpose(0, 1).reshape(Hkv, G * T, D)
-    mask = None
-    if T > 1:
-        # Query t sits at position q_start + t and sees keys 0 .. q_start + t.
-        rows = torch.arange(T, device=q.device)[:, None] + q_start
-        mask = torch.arange(S, device=q.device)[None, :] <= rows  # (T, S)
-        mask = mask.repeat(G, 1)                                   # (G*T, S)
-    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)  # (Hkv, G*T, D)
+    out = F.scaled_dot_product_attention(qg, k, v)  # (Hkv, G*T, D)
     return out.reshape(Hq, T, D).transpose(0, 1)
 
 
@@ -94,3 +94,40 @@ def merge_attention(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple
     total = w.sum(dim=0)
     out = sum(w_i[..., None] * o for w_i, o in zip(w, outs)) / total[..., None]
     return out, m + torch.log(total)
+
+
+def block_attention_lse(q: torch.Tensor, block: torch.Tensor, use_kernel: bool | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q (T, Hq, D) over a block of whole pages (n, 2, Hkv, P, D), all visible; (out, lse).
+
+    On a GPU, for few query rows (decode), the pages are read in place by the sparse-attention kernel: seen
+    with a head stride of P*D and a token stride of D, a block is a buffer of P-token chunks in which page
+    j's keys are chunk j*2*Hkv (and its values the same chunk of the view shifted by Hkv*P*D elements).
+    Elsewhere the block is laid out as (Hkv, n*P, D) and ``attention_lse`` runs. ``use_kernel`` forces the
+    choice (tests run the kernel through Triton's interpreter on a CPU).
+    """
+    n, _, Hkv, P, D = block.shape
+    T, Hq, _ = q.shape
+    if use_kernel is None:
+        use_kernel = q.is_cuda
+    if use_kernel and block.dtype == q.dtype and block.is_contiguous() and (Hq // Hkv) * T <= 256:
+        from ..kernels.sparse_attention import sparse_attention
+
+        rows = ((n - 1) * 2 * Hkv + 1) * P  # the view's length: up to the last page's keys, within storage
+        k = block.as_strided((Hkv, rows, D), (P * D, D, 1), block.storage_offset())
+        v = block.as_strided((Hkv, rows, D), (P * D, D, 1), block.storage_offset() + Hkv * P * D)
+        idx = (torch.arange(n, device=q.device, dtype=torch.int32) * (2 * Hkv)).expand(Hkv, n).contiguous()
+        return sparse_attention(q, k_chunks=k, v_chunks=v, idx=idx, chunk_tokens=P)
+    keys = block[:, 0].transpose(0, 1).reshape(Hkv, n * P, D)
+    values = block[:, 1].transpose(0, 1).reshape(Hkv, n * P, D)
+    return attention_lse(q, keys, values, causal=False)
+
+
+def recent_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over a short run (Hkv, S, D) that ends with the T query tokens themselves (causal)."""
+    T, Hq, _ = q.shape
+    if q.is_cuda and k.dtype == q.dtype and (Hq // k.shape[0]) * T <= 256:
+        from ..kernels.sparse_attention import sparse_attention
+
+        return sparse_attention(q, k, v, causal=True)
+    return attention_lse(q, k, v, causal=True)

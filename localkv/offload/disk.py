@@ -104,7 +104,7 @@ class DiskTier:
     def alloc(self, layer: int) -> int:
         if self.max_pages is not None and self.used >= self.max_pages:
             raise DiskFullError(f"the disk tier under {self.directory} is at its budget "
-                                f"({self.max_pages:,} pages); raise --disk-mem or lower --ctx")
+                                f"({self.max_pages:,} pages); give it more room or lower --ctx")
         self.used += 1
         if self.free[layer]:
             return self.free[layer].pop()

@@ -51,38 +51,42 @@ class PagePool:
 
     Each layer has its own arenas of ``arena_pages`` slots, taken as first needed, so a large budget costs
     nothing until the conversation grows into it, and a layer's pages, sealed in order, sit in consecutive
-    slots: a run of them moves in one copy. ``max_pages`` is the budget over all layers.
+    slots: a run of them moves in one copy. ``pages_per_layer`` is each layer's share of the tier's budget
+    (every layer holds the same tokens, so equal shares waste nothing).
     """
 
-    def __init__(self, geometry: PageGeometry, max_pages: int, device: torch.device, pin: bool = False,
+    def __init__(self, geometry: PageGeometry, pages_per_layer: int, device: torch.device, pin: bool = False,
                  arena_pages: int = 64):
         self.geometry = geometry
-        self.max_pages = max_pages
+        self.pages_per_layer = pages_per_layer
         self.device = device
         self.pin = pin
         self.arena_pages = max(1, arena_pages)
         self.arenas: list[list[torch.Tensor]] = [[] for _ in range(geometry.n_layers)]
         self.free: list[list[int]] = [[] for _ in range(geometry.n_layers)]
-        self.allocated = 0  # slots backed by memory, over all layers
+        self.allocated = [0] * geometry.n_layers  # slots backed by memory
+        self.used_per_layer = [0] * geometry.n_layers
         self.used = 0
 
     def alloc(self, layer: int) -> int | None:
-        """A free slot id of ``layer``, or None when the pool is at its budget."""
-        if self.used >= self.max_pages:
+        """A free slot id of ``layer``, or None when the layer's share of the budget is used."""
+        if self.used_per_layer[layer] >= self.pages_per_layer:
             return None
         if not self.free[layer]:
-            n = min(self.arena_pages, max(1, self.max_pages - self.allocated))
+            n = min(self.arena_pages, self.pages_per_layer - self.allocated[layer])
             arena = torch.empty((n, *self.geometry.page_shape), dtype=self.geometry.dtype, device=self.device,
                                 pin_memory=self.pin)
             base = len(self.arenas[layer]) * self.arena_pages
             self.arenas[layer].append(arena)
-            self.allocated += n
+            self.allocated[layer] += n
             self.free[layer].extend(range(base + n - 1, base - 1, -1))
         self.used += 1
+        self.used_per_layer[layer] += 1
         return self.free[layer].pop()
 
     def release(self, layer: int, slot: int) -> None:
         self.used -= 1
+        self.used_per_layer[layer] -= 1
         self.free[layer].append(slot)
 
     def page(self, layer: int, slot: int) -> torch.Tensor:
@@ -97,7 +101,7 @@ class PagePool:
 
     @property
     def capacity_bytes(self) -> int:
-        return self.max_pages * self.geometry.page_bytes
+        return self.pages_per_layer * self.geometry.n_layers * self.geometry.page_bytes
 
     @property
     def used_bytes(self) -> int:

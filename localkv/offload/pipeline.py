@@ -76,6 +76,8 @@ class BlockReader:
         """Schedule the reads of one forward over the first ``n_tokens`` tokens of every layer."""
         self.drain()
         self.n_tokens = n_tokens
+        if self.cuda:  # pages sealed into pinned memory by the compute stream must land before we read them
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.store.device))
         for layer in range(self.store.geometry.n_layers):
             for run in self.store.runs(layer, n_tokens, self.block_pages):
                 if not self._on_device(run.tier):
@@ -94,6 +96,7 @@ class BlockReader:
                 self._copy_to_ring(block, self.store.cpu.run(block.layer, block.run.slot, block.run.n))
             self.inflight.append(block)
 
+    @torch.inference_mode()  # the buffers were made under the forward's inference mode; this is another thread
     def _load_from_disk(self, block: _Block) -> None:
         disk, run = self.store.disk, block.run
         host = self.staging[block.slot] if self.cuda else self.ring[block.slot]

@@ -138,7 +138,7 @@ class KVStore:
         else:
             slot = self._alloc(self.cpu, self.cpu_fifo, layer, self._demote_cpu)
             if slot is not None:
-                self.cpu.page(layer, slot).copy_(data)
+                self.cpu.page(layer, slot).copy_(data, non_blocking=self.cpu.pin)  # ordered: see _host_ready
                 self.moved.d2h += self.geometry.page_bytes if self.device.type == "cuda" else 0
                 entry.cpu = slot
                 self.cpu_fifo[layer].append(index)
@@ -158,7 +158,7 @@ class KVStore:
         src = self.gpu.page(layer, entry.gpu)
         slot = self._alloc(self.cpu, self.cpu_fifo, layer, self._demote_cpu)
         if slot is not None:
-            self.cpu.page(layer, slot).copy_(src)
+            self.cpu.page(layer, slot).copy_(src, non_blocking=self.cpu.pin)
             entry.cpu = slot
             self.cpu_fifo[layer].append(index)
             self.moved.d2h += self.geometry.page_bytes if self.device.type == "cuda" else 0
@@ -167,9 +167,16 @@ class KVStore:
         self.gpu.release(layer, entry.gpu)
         entry.gpu = -1
 
+    def _host_ready(self) -> None:
+        """Device-to-pinned copies are asynchronous (on the compute stream, so the pipeline's copy stream,
+        which waits on it, sees them in order); the host must wait before it reads a pinned page itself."""
+        if self.cpu.pin:
+            torch.cuda.current_stream(self.device).synchronize()
+
     def _demote_cpu(self, layer: int, index: int) -> None:
         entry = self.pages[layer][index]
         if entry.disk < 0:
+            self._host_ready()
             entry.disk = self._write_disk(layer, self.cpu.page(layer, entry.cpu))
         self.cpu.release(layer, entry.cpu)
         entry.cpu = -1
@@ -244,6 +251,7 @@ class KVStore:
         if entry.gpu >= 0:
             return self.gpu.page(layer, entry.gpu)
         if entry.cpu >= 0:
+            self._host_ready()
             return self.cpu.page(layer, entry.cpu).to(self.device)
         buf = torch.empty(self.geometry.page_shape, dtype=self.geometry.dtype)
         self.disk.read_into(layer, entry.disk, buf, verify=True)

@@ -27,7 +27,7 @@ def _bound(x, scale, zero, kind, group, bits, scale_dtype):
     s, z = _expand(scale.float(), kind, group, T), _expand(zero.float(), kind, group, T)
     fi, qmax = torch.finfo(scale_dtype), (1 << bits) - 1
     subnormal_step = fi.smallest_normal * fi.eps
-    return (s / 2 + 4 * torch.finfo(torch.float32).eps * x.abs() + fi.eps * (z.abs() + qmax * s)
+    return (s / 2 + 4 * torch.finfo(torch.float32).eps * (x.abs() + qmax * s) + fi.eps * (z.abs() + qmax * s)
             + (qmax + 1) * subnormal_step)
 
 

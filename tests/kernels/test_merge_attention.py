@@ -36,7 +36,8 @@ def test_all_empty_rows_give_zero_and_minus_inf(kernel_ran):
 def test_equals_softmax_over_union(kernel_ran):
     """Partials of disjoint key sets merge to the attention over all keys."""
     Tq, H, D, L = 3, 4, 64, 50
-    q, k, v = torch.randn(Tq, H, D, device=DEVICE), torch.randn(H, L, D, device=DEVICE), torch.randn(H, L, D, device=DEVICE)
+    q = torch.randn(Tq, H, D, device=DEVICE)
+    k, v = torch.randn(H, L, D, device=DEVICE), torch.randn(H, L, D, device=DEVICE)
     s = torch.einsum("thd,hld->thl", q, k) / D ** 0.5
     parts = [(0, 7), (7, 30), (30, 50)]
     outs = [torch.einsum("thl,hld->thd", torch.softmax(s[..., a:b], -1), v[:, a:b]) for a, b in parts]

@@ -18,7 +18,7 @@ from localkv.tui.app import LocalKVApp
 from localkv.tui.screens.chat import ChatScreen
 from localkv.tui.screens.commands import SESSIONS_LATER, parse_command, read_attachment, split_path
 from localkv.tui.widgets import AssistantTurn, ChatLog, Meter, PromptInput, SidePanel, UserTurn
-from localkv.tui.widgets.side_panel import tier_rows, traffic_lines
+from localkv.tui.widgets.side_panel import MovedPerToken, tier_rows, traffic_lines
 from localkv.errors import UserError
 
 SIZE = (110, 40)
@@ -39,6 +39,16 @@ def llm(tiny_model_dir):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield localkv.load(tiny_model_dir, ctx="4K", device="cpu", dtype="fp32")
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tiered_llm(tiny_model_dir, tmp_path):
+    """The tiny model with budgets small enough that its KV spills from the "GPU" tier to CPU and disk."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield localkv.load(tiny_model_dir, ctx="4K", device="cpu", dtype="fp32", gpu_mem="64KB", cpu_mem="128KB",
+                       disk=tmp_path / "kv")
     torch.set_num_threads(threads)
 
 
@@ -244,6 +254,32 @@ def test_attach_shows_prefill_progress_then_answers(llm, tmp_path):
     run(go())
 
 
+def test_escape_during_prefill(llm, tmp_path):
+    llm.engine.prefill_chunk = 16
+    notes = tmp_path / "notes.txt"
+    notes.write_text("The quick brown fox jumps over the lazy dog.\n" * 8)
+    chat = SteppedChat(llm.chat())
+
+    async def go():
+        app = LocalKVApp(llm, chat=chat, options=OPTIONS)
+        async with app.run_test(size=SIZE) as pilot:
+            await send(app, pilot, f"/attach {notes}")
+            chat.release(1)
+            bar = app.screen.query_one("#prefill-bar")
+            await until(pilot, lambda: bar.progress == 16, "the first prefill chunk")
+            await pilot.press("escape")
+            chat.run_free()
+            await finished(app, pilot)
+            [turn] = turns(app, AssistantTurn)
+            assert turn.text == "" and "stopped" in str(turn.query_one(".status").render())
+            assert chat.last.finish_reason == "cancelled" and bar.progress < bar.total
+            await send(app, pilot, "hello")
+            await finished(app, pilot)
+            assert chat.last.finish_reason != "cancelled" and chat.messages[-1]["role"] == "assistant"
+
+    run(go())
+
+
 def test_errors_are_shown_and_the_app_keeps_running(llm, tmp_path):
     (tmp_path / "blob.bin").write_bytes(b"\x7fELF\x00\x01\x02")
     (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
@@ -278,15 +314,17 @@ def test_errors_are_shown_and_the_app_keeps_running(llm, tmp_path):
 
 # -- commands and keys ---------------------------------------------------------------------------------------
 
-class SavingChat(SteppedChat):
-    saved = None
+class NoSessionChat(SteppedChat):
+    """A Chat from before sessions on disk existed."""
 
-    def save(self, path):
-        self.saved = path
+    def __getattr__(self, name):
+        if name == "save":
+            raise AttributeError(name)
+        return super().__getattr__(name)
 
 
 def test_commands(llm, tmp_path):
-    chat = SteppedChat(llm.chat(), stepped=False)
+    chat = NoSessionChat(llm.chat(), stepped=False)
 
     async def go():
         app = LocalKVApp(llm, chat=chat, options=OPTIONS)
@@ -305,10 +343,9 @@ def test_commands(llm, tmp_path):
             await pilot.pause()
             assert chat.messages == [{"role": "system", "content": "You are terse."}]
             assert not turns(app, AssistantTurn) and chat.context_tokens == 0
-            await send(app, pilot, "/save session.kv")
+            await send(app, pilot, f"/save {tmp_path}/session")
             await pilot.pause()
-            if not hasattr(chat, "save"):
-                assert notices(app)[-1] == SESSIONS_LATER
+            assert notices(app)[-1] == SESSIONS_LATER
             await send(app, pilot, "/frobnicate")
             await pilot.pause()
             assert "unknown command /frobnicate" in notices(app)[-1]
@@ -317,23 +354,54 @@ def test_commands(llm, tmp_path):
     run(go())
 
 
-def test_sessions_save_and_load_when_the_store_supports_them(llm, tmp_path):
-    chat = SavingChat(llm.chat(), stepped=False)
-    other = llm.chat("loaded system")
-    llm.load_session = lambda path: other
+def test_save_and_load_a_session(llm, tmp_path):
+    chat = llm.chat()
 
     async def go():
         app = LocalKVApp(llm, chat=chat, options=OPTIONS)
         async with app.run_test(size=SIZE) as pilot:
+            await send(app, pilot, "hello")
+            await finished(app, pilot)
+            messages, n_tokens = list(chat.messages), chat.context_tokens
             await send(app, pilot, f"/save {tmp_path}/s1")
-            await until(pilot, lambda: notices(app) and "saved" in notices(app)[-1], "the save")
-            assert str(chat.saved) == f"{tmp_path}/s1"
+            await until(pilot, lambda: "saved to" in notices(app)[-1], "the save")
+            await send(app, pilot, "/reset")
+            await until(pilot, lambda: not turns(app, UserTurn), "the reset")
             await send(app, pilot, f"/load {tmp_path}/s1")
             await until(pilot, lambda: "loaded from" in notices(app)[-1], "the load")
-            assert app.screen.chat is other
-            await send(app, pilot, "hi")
+            loaded = app.screen.chat
+            assert loaded is not chat and loaded.messages == messages and loaded.context_tokens == n_tokens
+            assert [t.text for t in turns(app, UserTurn)] == ["hello"]
+            assert turns(app, AssistantTurn)[0].text == messages[-1]["content"]
+            assert panel_text(app, "#context") == f"{n_tokens:,} / {llm.ctx_tokens:,}"
+            await send(app, pilot, "and on")
             await finished(app, pilot)
-            assert other.messages[-1]["role"] == "assistant"
+            assert loaded.messages[-1]["role"] == "assistant" and len(loaded.messages) == 4
+            await send(app, pilot, f"/load {tmp_path}/nothing-here")
+            await until(pilot, lambda: "error: /load" in notices(app)[-1], "the failed load")
+            assert app.screen.chat is loaded
+
+        resumed = LocalKVApp(llm, chat=llm.load_session(tmp_path / "s1"), options=OPTIONS)  # load(session=...)
+        async with resumed.run_test(size=SIZE) as pilot:
+            await pilot.pause()
+            assert [t.text for t in turns(resumed, UserTurn)] == ["hello"] and turns(resumed, AssistantTurn)
+
+    run(go())
+
+
+def test_tiered_store_shows_tiers_and_traffic(tiered_llm):
+    chat = SteppedChat(tiered_llm.chat(), stepped=False)
+
+    async def go():
+        app = LocalKVApp(tiered_llm, chat=chat, options=OPTIONS)
+        async with app.run_test(size=SIZE) as pilot:
+            await send(app, pilot, "hello " * 200)
+            await finished(app, pilot)
+            side = app.screen.query_one(SidePanel)
+            assert [m.id for m in side.query(Meter)] == ["context", "tier-gpu", "tier-cpu", "tier-disk"]
+            assert " / 64.0 KB" in panel_text(app, "#tier-gpu") and "tok" in panel_text(app, "#tier-disk")
+            traffic = panel_text(app, "#traffic")
+            assert "moved / token:" in traffic and "disk read:" in traffic, traffic
 
     run(go())
 
@@ -398,10 +466,34 @@ def test_tier_rows_show_whatever_the_store_reports():
     assert tier_rows({"tokens": 10, "capacity": 100, "device_bytes": 2048}) == [("KV", 0.1, "2.0 KB · 10 tok")]
     tiered = {"tokens": 100, "gpu_tokens": 25, "gpu_bytes": 1 << 20, "cpu_tokens": 75, "cpu_bytes": 3 << 20,
               "disk_tokens": 0, "disk_bytes": 0, "bytes_moved_per_token": {"cpu": 4096, "disk": 0},
-              "hit_rate": 0.875, "acceptance_rate": 0.6, "pages_resident": 12}
+              "hit_rate": 0.875, "acceptance_rate": 0.6, "pages_resident": 12, "gpu_budget": 4 << 20}
     rows = tier_rows(tiered)
-    assert [r[0] for r in rows] == ["GPU", "CPU", "DISK"] and rows[0][1] == 0.25 and "1.0 MB" in rows[0][2]
+    assert [r[0] for r in rows] == ["GPU", "CPU", "DISK"]
+    assert rows[0] == ("GPU", 0.25, "1.0 MB / 4.0 MB · 25 tok") and rows[1][1] == 0.75  # budget; share of tokens
     lines = traffic_lines(tiered)
     assert "moved / token:" in lines and "  cpu: 4.0 KB" in lines
     assert "hit rate: 87.5%" in lines and "draft acceptance: 60.0%" in lines and "pages resident: 12" in lines
     assert traffic_lines({"bytes_moved_per_token": 1024}) == ["moved / token: 1.0 KB"]
+    rate = MovedPerToken()
+    assert rate.update({"h2d": 100, "disk_read": 0}, 1) is None
+    assert rate.update({"h2d": 500, "disk_read": 300}, 5) == {"h2d": 100, "disk_read": 75}
+    assert traffic_lines({"moved_bytes": {}}, moved_per_token={"disk_read": 2048}) == [
+        "moved / token:", "  disk read: 2.0 KB"]
+
+
+def test_the_panel_switches_to_tiers_when_the_store_reports_them(llm):
+    async def go():
+        app = LocalKVApp(llm, options=OPTIONS)
+        async with app.run_test(size=SIZE) as pilot:
+            side = app.screen.query_one(SidePanel)
+            assert [m.id for m in side.query(Meter)] == ["context", "tier-kv"]
+            side.show_cache({"tokens": 8, "gpu_tokens": 8, "gpu_bytes": 4096, "cpu_tokens": 0, "cpu_bytes": 0,
+                             "hit_rate": 0.5})
+            await pilot.pause()
+            assert [m.id for m in side.query(Meter)] == ["context", "tier-gpu", "tier-cpu"]
+            assert "hit rate: 50.0%" in panel_text(app, "#traffic")
+            side.show_cache({"tokens": "eight", "gpu_tokens": [1]})  # nonsense never raises
+            await pilot.pause()
+            assert "unreadable" in panel_text(app, "#traffic")
+
+    run(go())

@@ -7,6 +7,8 @@ a long ``--ctx`` does not reserve the whole context up front.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from ...models.args import ModelArgs
@@ -19,7 +21,7 @@ _MIN_ALLOC = 256
 
 class _ExactLayer:
     def __init__(self, cache: "DeviceExactKV"):
-        self.cache = cache
+        self.cache = weakref.proxy(cache)  # no cycle: the KV goes as soon as its cache does
         self.k: torch.Tensor | None = None  # (Hkv, allocated, D) rotated keys
         self.v: torch.Tensor | None = None
 

@@ -11,10 +11,12 @@ GPU, and decode moves every offloaded page once per token, the floor this policy
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from ...models.args import ModelArgs
-from ..attention import attention_lse, merge_attention
+from ..attention import block_attention_lse, merge_attention, recent_attention_lse
 from ..kv import KVCache
 from ..pages import PageGeometry
 from ..pipeline import BlockReader
@@ -23,7 +25,7 @@ from ..store import Budgets, KVStore
 
 class _TieredExactLayer:
     def __init__(self, cache: "TieredExactKV", layer: int):
-        self.cache, self.layer = cache, layer
+        self.cache, self.layer = weakref.proxy(cache), layer  # no cycle: the store goes with its cache
 
     def prefill(self, q, k, v, rp):
         cache, store = self.cache, self.cache.store
@@ -32,19 +34,17 @@ class _TieredExactLayer:
         q, k = rp.rotate(q), rp.rotate(k)
         outs, lses = [], []
         for _, kv in cache.reader.blocks(self.layer):  # (n, 2, Hkv, P, D)
-            n = kv.shape[0]
-            keys = kv[:, 0].transpose(0, 1).reshape(kv.shape[2], n * P, -1)  # (Hkv, n*P, D)
-            values = kv[:, 1].transpose(0, 1).reshape(kv.shape[2], n * P, -1)
-            o, l = attention_lse(q, keys, values, causal=False)
+            o, l = block_attention_lse(q, kv)
             outs.append(o)
             lses.append(l)
+        # The open page's filled rows and the new tokens, one short causal run.
         partial = start % P
+        kt, vt = k.transpose(0, 1), v.transpose(0, 1)  # (Hkv, T, D)
         if partial:
             page = store.open_page(self.layer)
-            o, l = attention_lse(q, page[0, :, :partial], page[1, :, :partial], causal=False)
-            outs.append(o)
-            lses.append(l)
-        o, l = attention_lse(q, k.transpose(0, 1), v.transpose(0, 1), causal=True)
+            kt = torch.cat([page[0, :, :partial].to(kt.dtype), kt], dim=1)
+            vt = torch.cat([page[1, :, :partial].to(vt.dtype), vt], dim=1)
+        o, l = recent_attention_lse(q, kt.contiguous(), vt.contiguous())
         outs.append(o)
         lses.append(l)
         out, _ = merge_attention(outs, lses)

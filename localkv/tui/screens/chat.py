@@ -76,7 +76,8 @@ class Outbox:
             if msg is not None:  # posted but not handled yet: merge into it
                 msg.text += text
                 msg.prefill = prefill or msg.prefill
-                msg.token = token if token is not None and token.cache else msg.token or token
+                if token is not None and (token.cache or msg.token is None):  # the tail token has no stats
+                    msg.token = token
                 msg.context_tokens = context_tokens
                 return
             msg = self._open = ReplyProgress(text, prefill, token, context_tokens)
@@ -140,12 +141,15 @@ class ChatScreen(Screen):
             yield SidePanel(id="side")
 
     async def on_mount(self) -> None:
-        self.query_one(SidePanel).show_model(model_lines(self.llm))
+        side = self.query_one(SidePanel)
+        side.show_model(model_lines(self.llm))
+        side.show_cache({"tokens": self.chat.context_tokens, "capacity": self.llm.ctx_tokens})
         self._show_context()
         self.query_one(PromptInput).focus()
-        system = next((m["content"] for m in self.chat.messages if m["role"] == "system"), None)
-        if system:
-            await self.query_one(ChatLog).add_notice(f"system prompt: {system}")
+        log = self.query_one(ChatLog)
+        await log.add_notice(f"{self.llm.loaded.source.name}, context {self.llm.ctx_tokens:,} tokens. Type a "
+                             "message, /attach PATH to add a file or a directory, /help for more.")
+        await log.show_messages(self.chat.messages, clear=False)  # a system prompt, or a resumed session
 
     # -- state ---------------------------------------------------------------------------------------------
     def watch_busy(self, busy: bool) -> None:
@@ -169,8 +173,9 @@ class ChatScreen(Screen):
             self.cancel_reply()
             if self._turn is not None:
                 self._turn.set_status("stopping…")
-        elif not self.busy:
-            self.query_one(ChatLog).focus()  # Esc leaves the message box: q then quits, arrows scroll
+        elif not self.busy:  # Esc goes between the message box and the history (where q quits, arrows scroll)
+            prompt = self.query_one(PromptInput)
+            (self.query_one(ChatLog) if prompt.has_focus else prompt).focus()
 
     # -- input ---------------------------------------------------------------------------------------------
     @on(PromptInput.Submitted)
@@ -224,7 +229,8 @@ class ChatScreen(Screen):
         log = self.query_one(ChatLog)
         self._user_turn = await log.add_user(shown)
         self._turn = await log.add_assistant()
-        self._turn.set_status("reading the attachment…" if attach else "thinking…")
+        self._turn.set_status("reading the attachment…" if attach else "reading the prompt…")
+        self.query_one(SidePanel).show_decode(None, 0)
         self._cancel = threading.Event()
         self._replying = True
         self.busy = True
@@ -260,7 +266,7 @@ class ChatScreen(Screen):
             a = message.attachment
             self._user_turn.show(a.summary() + (f"\n\n{a.question}" if a.question else ""))
         if self._turn is not None and not self._cancel.is_set():
-            self._turn.set_status("tokenizing…")
+            self._turn.set_status(f"reading the prompt ({a.chars:,} characters)…")
 
     @on(ReplyProgress)
     async def _progress(self, message: ReplyProgress) -> None:
@@ -276,7 +282,7 @@ class ChatScreen(Screen):
             t = message.token
             if t.tokens_per_s:
                 side.show_decode(t.tokens_per_s, t.n_generated)
-            side.show_cache(t.cache)
+            side.show_cache(t.cache, t.n_generated)
             if turn is not None and not self._cancel.is_set():
                 turn.set_status("")
         self._show_context(message.context_tokens)
@@ -309,7 +315,7 @@ class ChatScreen(Screen):
             if done is not None:
                 if done.generated_tokens:
                     side.show_decode(done.decode_tokens_per_s, done.generated_tokens)
-                side.show_cache(done.cache)
+                side.show_cache(done.cache, done.generated_tokens)
                 side.show_last(status.replace(" · ", "\n"))
         self._show_context()
         self._turn = self._user_turn = None

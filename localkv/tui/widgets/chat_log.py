@@ -6,16 +6,26 @@ from textual.containers import Vertical, VerticalScroll
 from textual.widgets import Markdown, Static
 
 
+SHOWN_CHARS = 2000
+"""A user turn longer than this shows its start only (a pasted book would make the log crawl)."""
+
+
+def preview(text: str) -> str:
+    if len(text) <= SHOWN_CHARS:
+        return text
+    return f"{text[:SHOWN_CHARS]} … ({len(text) - SHOWN_CHARS:,} more characters)"
+
+
 class UserTurn(Static):
     """What the person sent (an attachment shows as a one-line summary, not its contents)."""
 
     def __init__(self, text: str, **kwargs):
-        super().__init__(text, markup=False, **kwargs)
+        super().__init__(preview(text), markup=False, **kwargs)
         self.text = text
 
     def show(self, text: str) -> None:
         self.text = text
-        self.update(text)
+        self.update(preview(text))
 
 
 class AssistantTurn(Vertical):
@@ -77,12 +87,13 @@ class ChatLog(VerticalScroll):
     async def clear(self) -> None:
         await self.remove_children()
 
-    async def show_messages(self, messages: list[dict]) -> None:
-        """Rebuild the log from a conversation's messages (after /load)."""
-        await self.clear()
+    async def show_messages(self, messages: list[dict], *, clear: bool = True) -> None:
+        """Show a conversation's messages (a resumed session, or after /load)."""
+        if clear:
+            await self.clear()
         for m in messages:
             if m["role"] == "user":
-                await self.add_user(m["content"] if len(m["content"]) < 2000 else m["content"][:2000] + " …")
+                await self.add_user(m["content"])
             elif m["role"] == "assistant":
                 turn = await self.add_assistant()
                 await turn.write(m["content"])

@@ -1,8 +1,9 @@
 """The live side panel: model, context, prefill progress, decode speed, KV tiers and traffic.
 
-It shows whatever the cache's ``stats()`` dict holds: today ``tokens``, ``capacity``, ``device_bytes``; with
-the tiered store ``{gpu,cpu,disk}_{bytes,tokens}``, ``bytes_moved_per_token`` (a number or a dict per tier),
-``hit_rate``; with speculation a draft acceptance rate. Keys it does not know are listed as they are.
+It shows whatever the cache's ``stats()`` dict holds: ``tokens``, ``capacity`` and ``device_bytes`` for KV
+that stays whole on the device; with the tiered store ``{gpu,cpu,disk}_{bytes,tokens}``, ``{gpu,cpu}_budget``
+and the cumulative ``moved_bytes`` counters (turned into bytes per generated token here); ``hit_rate`` and a
+draft acceptance rate when a policy reports them. Keys it does not know are listed as they are.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from ...units import format_bytes
 
 TIERS = ("gpu", "cpu", "disk")
 ACCEPTANCE_KEYS = ("acceptance_rate", "draft_acceptance", "draft_acceptance_rate")
-SHOWN_KEYS = {"tokens", "capacity", "device_bytes", "bytes_moved_per_token", "hit_rate", *ACCEPTANCE_KEYS,
-              *(f"{t}_{k}" for t in TIERS for k in ("bytes", "tokens", "capacity_tokens", "budget_bytes"))}
+SHOWN_KEYS = {"tokens", "capacity", "device_bytes", "moved_bytes", "bytes_moved_per_token", "hit_rate",
+              *ACCEPTANCE_KEYS,
+              *(f"{t}_{k}" for t in TIERS for k in ("bytes", "tokens", "budget", "budget_bytes", "capacity_tokens"))}
 
 
 def format_duration(seconds: float) -> str:
@@ -41,7 +43,7 @@ def format_rate(value: float) -> str:
 def format_value(key: str, value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return str(value)
-    if "bytes" in key:
+    if "bytes" in key or "budget" in key:
         return format_bytes(value)
     if "rate" in key:
         return format_rate(value)
@@ -49,10 +51,10 @@ def format_value(key: str, value: Any) -> str:
 
 
 def tier_rows(cache: dict) -> list[tuple[str, float | None, str]]:
-    """(label, bar fraction or None, detail) per tier present in the stats; one ``KV`` row before tiers exist.
+    """(label, bar fraction or None, detail) per tier present in the stats; one ``KV`` row without tiers.
 
-    A tier's bar is its share of its budget when the stats give one (``gpu_capacity_tokens`` or
-    ``gpu_budget_bytes``), else its share of all the tokens held.
+    A tier's bar is the part of its budget in use when the stats give one (``gpu_budget`` bytes, or
+    ``gpu_capacity_tokens``), else its share of all the tokens held (the disk tier has no budget).
     """
     present = [t for t in TIERS if f"{t}_bytes" in cache or f"{t}_tokens" in cache]
     if not present:
@@ -67,25 +69,46 @@ def tier_rows(cache: dict) -> list[tuple[str, float | None, str]]:
     rows = []
     for t in present:
         tokens, nbytes = cache.get(f"{t}_tokens"), cache.get(f"{t}_bytes")
-        if cache.get(f"{t}_capacity_tokens") and tokens is not None:
+        budget = cache.get(f"{t}_budget") or cache.get(f"{t}_budget_bytes")
+        size = format_bytes(nbytes) if nbytes is not None else ""
+        if budget and nbytes is not None:
+            fraction, size = nbytes / budget, f"{size} / {format_bytes(budget)}"
+        elif cache.get(f"{t}_capacity_tokens") and tokens is not None:
             fraction = tokens / cache[f"{t}_capacity_tokens"]
-        elif cache.get(f"{t}_budget_bytes") and nbytes is not None:
-            fraction = nbytes / cache[f"{t}_budget_bytes"]
         else:
             fraction = tokens / total if tokens is not None and total else None
-        detail = " · ".join(x for x in (format_bytes(nbytes) if nbytes is not None else "",
-                                         f"{tokens:,} tok" if tokens is not None else "") if x)
+        detail = " · ".join(x for x in (size, f"{tokens:,} tok" if tokens is not None else "") if x)
         rows.append((t.upper(), fraction, detail))
     return rows
 
 
-def traffic_lines(cache: dict, extra: dict | None = None) -> list[str]:
+class MovedPerToken:
+    """Bytes moved per generated token over the reply so far, from the store's cumulative ``moved_bytes``."""
+
+    def __init__(self):
+        self._base: tuple[dict, int] | None = None
+
+    def reset(self) -> None:
+        self._base = None
+
+    def update(self, moved: dict, n_generated: int) -> dict[str, float] | None:
+        if self._base is None or n_generated < self._base[1]:
+            self._base = (dict(moved), n_generated)
+            return None
+        base, n0 = self._base
+        if n_generated == n0:
+            return None
+        return {k: (v - base.get(k, 0)) / (n_generated - n0) for k, v in moved.items()}
+
+
+def traffic_lines(cache: dict, extra: dict | None = None, moved_per_token: dict | None = None) -> list[str]:
     """Bytes moved per token, hit rate, draft acceptance, then any keys this panel does not know."""
     lines = []
-    moved = cache.get("bytes_moved_per_token")
+    moved = cache.get("bytes_moved_per_token", moved_per_token)
     if isinstance(moved, dict):
         lines.append("moved / token:")
-        lines.extend(f"  {k}: {format_bytes(v) if isinstance(v, (int, float)) else v}" for k, v in moved.items())
+        lines.extend(f"  {k.replace('_', ' ')}: {format_bytes(v) if isinstance(v, (int, float)) else v}"
+                     for k, v in moved.items())
     elif isinstance(moved, (int, float)):
         lines.append(f"moved / token: {format_bytes(moved)}")
     if isinstance(cache.get("hit_rate"), (int, float)):
@@ -129,6 +152,10 @@ class Meter(Static):
 class SidePanel(VerticalScroll):
     """Live numbers for the current model and reply; the screen calls ``show_*`` as events arrive."""
 
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._moved = MovedPerToken()
+
     def compose(self):
         yield Static("", id="model", markup=False)
         yield Static("Context", classes="heading")
@@ -158,21 +185,35 @@ class SidePanel(VerticalScroll):
             text += f" · ETA {format_duration(eta_s)}"
         self.query_one("#prefill", Static).update(text)
 
-    def show_decode(self, tokens_per_s: float, n_generated: int) -> None:
-        self.query_one("#decode", Static).update(f"{tokens_per_s:,.1f} tok/s · {n_generated:,} tokens")
+    def show_decode(self, tokens_per_s: float | None, n_generated: int) -> None:
+        """Decode speed; None while the reply has not started decoding (a new reply: traffic counts anew)."""
+        if tokens_per_s is None:
+            self._moved.reset()
+        self.query_one("#decode", Static).update(
+            "—" if tokens_per_s is None else f"{tokens_per_s:,.1f} tok/s · {n_generated:,} tokens")
 
-    def show_cache(self, cache: dict, extra: dict | None = None) -> None:
+    def show_cache(self, cache: dict, n_generated: int | None = None, extra: dict | None = None) -> None:
+        """The cache's stats after a step; ``n_generated`` (tokens so far this reply) turns counters into rates."""
         if not cache:
             return
+        try:
+            per_token = None
+            if isinstance(cache.get("moved_bytes"), dict) and n_generated is not None:
+                per_token = self._moved.update(cache["moved_bytes"], n_generated)
+            rows, lines = tier_rows(cache), traffic_lines(cache, extra, per_token)
+        except Exception as e:  # stats of an unexpected shape must never take the chat down
+            rows, lines = [], [f"cache stats unreadable: {type(e).__name__}: {e}"]
         box = self.query_one("#tiers", Vertical)
-        for label, fraction, detail in tier_rows(cache):
+        wanted = {f"tier-{label.lower()}" for label, _, _ in rows}
+        for stale in [m for m in box.children if m.id not in wanted]:  # "KV" gives way to GPU / CPU / DISK
+            stale.remove()
+        for label, fraction, detail in rows:
             meters = box.query(f"#tier-{label.lower()}")
             meter = meters.first(Meter) if meters else None
             if meter is None:
                 meter = Meter(label, id=f"tier-{label.lower()}")
                 box.mount(meter)
             meter.set(fraction, detail)
-        lines = traffic_lines(cache, extra)
         traffic = self.query_one("#traffic", Static)
         traffic.update("\n".join(lines))
         traffic.display = bool(lines)

@@ -1,0 +1,115 @@
+"""The tiered store: exact attention however the KV is spread over GPU / CPU / disk, truncate, faults."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from localkv.offload import make_cache
+from localkv.offload.disk import DiskFullError, DiskTier
+from localkv.offload.pages import PageGeometry
+from localkv.offload.store import Budgets, KVStore
+from test_model import _hf_and_ours
+
+
+def _budgets(args, tmp_path, gpu_pages, cpu_pages, page, disk=True, disk_pages=None):
+    page_bytes = 2 * args.n_kv_heads * page * args.head_dim * 4
+    return Budgets(page_bytes * args.n_layers * gpu_pages, page_bytes * args.n_layers * cpu_pages,
+                   tmp_path if disk else None,
+                   None if disk_pages is None else page_bytes * args.n_layers * disk_pages)
+
+
+@pytest.mark.parametrize("gpu_pages,cpu_pages", [(100, 0), (0, 100), (0, 0), (2, 3)])
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_tiered_matches_in_memory(tmp_path, gpu_pages, cpu_pages, model_type):
+    _, model, args = _hf_and_ours(model_type)
+    page = 16
+    ids = torch.randint(0, 100, (300,))
+    ref = make_cache("exact", args, 512)
+    got = make_cache("exact", args, 512, budgets=_budgets(args, tmp_path, gpu_pages, cpu_pages, page),
+                     page_tokens=page, block_pages=4, ring_blocks=2)
+    with torch.no_grad():
+        for cache, out in ((ref, []), (got, [])):
+            out.append(model(ids[:100], cache, all_logits=True))
+            out.append(model(ids[100:250], cache, all_logits=True))
+            out += [model(ids[t:t + 1], cache, decode=True) for t in range(250, 262)]
+            cache.truncate(123)  # drop a tail that ends inside a page, then go on from there
+            out.append(model(ids[200:260], cache, all_logits=True))
+            cache.out = out
+    for a, b in zip(ref.out, got.out):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    stats = got.stats()
+    if gpu_pages == cpu_pages == 0:
+        assert stats["disk_tokens"] > 0 and stats["moved_bytes"]["disk_read"] > 0
+
+
+def test_pages_are_written_to_disk_once(tmp_path):
+    _, model, args = _hf_and_ours("llama")
+    cache = make_cache("exact", args, 1024, budgets=_budgets(args, tmp_path, 1, 1, 16), page_tokens=16)
+    with torch.no_grad():
+        model(torch.randint(0, 100, (400,)), cache)
+        for t in range(5):
+            model(torch.randint(0, 100, (1,)), cache, decode=True)
+    store = cache.store
+    disk_pages = sum(e.disk >= 0 for layer in store.pages for e in layer)
+    assert store.moved.disk_write == disk_pages * store.geometry.page_bytes
+
+
+def test_disk_budget_full_is_a_clear_error(tmp_path):
+    _, model, args = _hf_and_ours("llama")
+    cache = make_cache("exact", args, 1024, budgets=_budgets(args, tmp_path, 1, 1, 16, disk_pages=4),
+                       page_tokens=16)
+    with pytest.raises(DiskFullError, match="disk tier"), torch.no_grad():
+        model(torch.randint(0, 100, (400,)), cache)
+    assert cache.length == 0  # the failed chunk was not committed
+
+
+def test_no_disk_and_no_room_is_an_overflow(tmp_path):
+    from localkv.errors import ContextOverflowError
+
+    _, model, args = _hf_and_ours("llama")
+    cache = make_cache("exact", args, 1024, budgets=_budgets(args, tmp_path, 1, 1, 16, disk=False), page_tokens=16)
+    with pytest.raises(ContextOverflowError, match="--disk"), torch.no_grad():
+        model(torch.randint(0, 100, (200,)), cache)
+
+
+def test_enospc_from_the_file_system(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    g = PageGeometry(2, 2, 8, 16, torch.float32)
+    disk = DiskTier(g, tmp_path)
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(DiskFullError, match="disk full"):
+        disk.write(0, torch.randn(g.page_shape))
+    assert disk.used == 0
+
+
+def test_disk_pages_round_trip_and_detect_corruption(tmp_path):
+    g = PageGeometry(3, 2, 8, 16, torch.bfloat16)
+    disk = DiskTier(g, tmp_path)
+    pages = [torch.randn(g.page_shape).to(torch.bfloat16) for _ in range(4)]
+    slots = [disk.write(i % 3, p) for i, p in enumerate(pages)]
+    for i, (p, s) in enumerate(zip(pages, slots)):
+        out = torch.empty(g.page_shape, dtype=torch.bfloat16)
+        disk.read_into(i % 3, s, out, verify=True)
+        assert torch.equal(out, p)
+    with open(disk.path(0), "r+b") as f:
+        f.seek(100)
+        f.write(b"\xff\xfe")
+    with pytest.raises(Exception, match="corrupt"):
+        disk.read_into(0, slots[0], torch.empty(g.page_shape, dtype=torch.bfloat16), verify=True)
+
+
+def test_unwritable_disk_dir_fails_before_work(tmp_path):
+    from localkv.errors import UserError
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    g = PageGeometry(2, 2, 8, 16, torch.float32)
+    with pytest.raises(UserError, match="not writable"):
+        KVStore(g, Budgets(0, 0, blocker / "kv"), torch.device("cpu"))
