@@ -109,6 +109,10 @@ def cmd_run(args) -> int:
                 sys.stdout.flush()
         sys.stdout.write("\n")
         return 0
+    if not args.no_tui and sys.stdout.isatty() and sys.stdin.isatty():
+        from .tui.app import run_app
+
+        return run_app(llm, system=args.system, options=options)
     from .tui.repl import run_repl
 
     return run_repl(llm, system=args.system, options=options)

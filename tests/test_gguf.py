@@ -14,7 +14,7 @@ from localkv.errors import ModelFormatError
 from localkv.models.gguf import hf_name, load_gguf, unpermute_qk
 from localkv.models.rope import _default_inv_freq, _llama3_inv_freq
 
-from conftest import permute_qk
+from gguf_files import permute_qk
 
 Q = gguf.GGMLQuantizationType
 
