@@ -97,7 +97,6 @@ def cmd_run(args) -> int:
     llm = api.load(args.model, ctx=args.ctx, policy=args.policy, device=args.device, dtype=args.dtype,
                    gpu_mem=args.gpu_mem, cpu_mem=args.cpu_mem, disk=args.disk, kv_dtype=args.kv_dtype,
                    session=args.session)
-    print(f"plan: {llm.plan.line()}", file=sys.stderr)
     options = dict(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed, top_k=args.top_k,
                    top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repeat_penalty)
     if prompt is not None:
@@ -109,6 +108,7 @@ def cmd_run(args) -> int:
                 sys.stdout.flush()
         sys.stdout.write("\n")
         return 0
+    print(f"plan: {llm.plan.line()}", file=sys.stderr)  # interactive runs only: --prompt keeps stderr quiet
     if not args.no_tui and sys.stdout.isatty() and sys.stdin.isatty():
         from .tui.app import run_app
 

@@ -137,7 +137,8 @@ def test_cli_context_past_every_tier_exits_2(capsys, tmp_path):
     from localkv.cli import main
 
     for cmd in ("plan", "run"):
-        code = main([cmd, "--ctx", "1M", "--gpu-mem", "1MB", "--cpu-mem", "1MB", "--disk", str(tmp_path),
+        # 64M tokens of SmolLM2 KV (fp32) is about 3 TB: more than any disk here holds.
+        code = main([cmd, "--ctx", "64M", "--gpu-mem", "1MB", "--cpu-mem", "1MB", "--disk", str(tmp_path),
                      *(["--prompt", "hi"] if cmd == "run" else [])])
         err = capsys.readouterr().err
         assert code == 2 and err.startswith("error: ") and "more than every tier" in err, err

@@ -121,10 +121,10 @@ class KVStore:
             n = min(P - off, T - i)
             self.open[layer, 0, :, off:off + n] = k[i:i + n].transpose(0, 1)
             self.open[layer, 1, :, off:off + n] = v[i:i + n].transpose(0, 1)
-            pos, i = pos + n, i + n
             if off + n == P:
-                self._seal(layer)
-        self.tokens[layer] = pos
+                self._seal(layer)  # may raise (disk full): tokens[layer] still counts only what is stored
+            pos, i = pos + n, i + n
+            self.tokens[layer] = pos
 
     def _seal(self, layer: int) -> None:
         data = self.open[layer]
@@ -149,7 +149,8 @@ class KVStore:
     def _alloc(self, pool: PagePool, fifo: deque, layer: int, demote) -> int | None:
         slot = pool.alloc(layer)
         if slot is None and fifo[layer]:
-            demote(layer, fifo[layer].popleft())
+            demote(layer, fifo[layer][0])  # may raise (disk full) and then changes nothing
+            fifo[layer].popleft()
             slot = pool.alloc(layer)
         return slot
 
