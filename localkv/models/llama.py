@@ -114,7 +114,7 @@ class Transformer(nn.Module):
         T = tokens.shape[0]
         start = cache.reserve(T)
         pos = torch.arange(start, start + T, device=self.device)
-        rp = self.rope.positions(pos, self.dtype)
+        rp = self.rope.positions(pos, self.dtype, start)
         x = self.embed_tokens(tokens)
         for i, block in enumerate(self.layers):
             x = block(x, rp, cache.layer(i), decode)

@@ -83,7 +83,9 @@ class RotaryPositions:
     """Positions of a run of tokens with their cos/sin tables, shared by every layer of one forward."""
 
     pos: torch.Tensor
-    """(T,) int64 absolute positions."""
+    """(T,) int64 absolute positions, consecutive."""
+    start: int
+    """``pos[0]`` as a Python int: reading it off the device would stall the CPU once per layer."""
     cos: torch.Tensor
     """(T, D) in the compute dtype."""
     sin: torch.Tensor
@@ -136,8 +138,10 @@ class Rope:
             self._dynamic_len = seq_len
         return self.inv_freq
 
-    def positions(self, pos: torch.Tensor, dtype: torch.dtype) -> RotaryPositions:
-        """cos/sin tables (T, D) for absolute positions ``pos`` (T,), computed in fp32, cast to ``dtype``."""
+    def positions(self, pos: torch.Tensor, dtype: torch.dtype, start: int | None = None) -> RotaryPositions:
+        """cos/sin tables (T, D) for consecutive positions ``pos`` (T,), computed in fp32, cast to ``dtype``.
+
+        ``start`` is ``pos[0]`` when the caller knows it (saves a device-to-host read)."""
         inv_freq = self.inv_freq
         if self.kind == "dynamic":
             inv_freq = self._dynamic_inv_freq(int(pos.max()) + 1)
@@ -145,4 +149,6 @@ class Rope:
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = (emb.cos() * self.attention_factor).to(dtype)
         sin = (emb.sin() * self.attention_factor).to(dtype)
-        return RotaryPositions(pos, cos, sin, self)
+        if start is None:
+            start = int(pos[0]) if pos.numel() else 0
+        return RotaryPositions(pos, start, cos, sin, self)

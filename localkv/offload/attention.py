@@ -59,24 +59,56 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
         lse = torch.logsumexp(s, dim=-1)                          # (Hkv, G*T)
         out = torch.matmul(torch.exp(s - lse[..., None]), v.float())
         return out.reshape(Hq, T, D).transpose(0, 1), lse.reshape(Hq, T).transpose(0, 1)
-    # Many rows (prefill): the fused kernels that return the LSE, with the KV heads repeated per group.
-    qh = q.transpose(0, 1)[None]                                  # (1, Hq, T, D)
+    # Many rows (prefill): the fused kernels that return the LSE.
     k, v = k.to(q.dtype), v.to(q.dtype)  # the KV may be stored in another dtype (--kv-dtype)
-    kh = k.repeat_interleave(G, dim=0)[None] if G > 1 else k[None]
-    vh = v.repeat_interleave(G, dim=0)[None] if G > 1 else v[None]
     causal = causal and T > 1
     if causal and S != T:  # the kernels align a causal mask top-left; split off the fully visible prefix
         o1, l1 = attention_lse(q, k[:, :S - T], v[:, :S - T], causal=False)
         o2, l2 = attention_lse(q, k[:, S - T:], v[:, S - T:], causal=True)
         return merge_attention([o1, o2], [l1, l2])
-    if q.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qh, kh, vh, 0.0, causal, scale=scale)
-    elif q.dtype in (torch.float16, torch.bfloat16):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(qh, kh, vh, 0.0, causal, False, scale=scale)[:2]
+    if causal:
+        qh = q.transpose(0, 1)[None]                                    # (1, Hq, T, D)
+        kh = k.repeat_interleave(G, dim=0)[None] if G > 1 else k[None]  # a causal mask needs a head per query
+        vh = v.repeat_interleave(G, dim=0)[None] if G > 1 else v[None]
     else:
-        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
-            qh, kh, vh, None, True, 0.0, causal, scale=scale)[:2]
-    return out[0].transpose(0, 1).float(), lse[0, :, :T].transpose(0, 1).float()
+        # Every key visible: fold the G query heads of a group into the query axis, (1, Hkv, G*T, D), so each
+        # KV head is read once for its whole group and never repeated in memory.
+        qh = q.transpose(0, 1).reshape(Hkv, G * T, D)[None]
+        kh, vh = k[None], v[None]
+    out, lse = _fused_lse(qh, kh, vh, causal, scale)
+    L = qh.shape[2]
+    return (out[0].reshape(Hq, T, D).transpose(0, 1).float(),
+            lse[0, :, :L].reshape(Hq, T).transpose(0, 1).float())
+
+
+def _fused_lse(qh, kh, vh, causal: bool, scale: float):
+    """(out, lse) from the device's fused attention kernel (flash, or memory-efficient for fp32 on a GPU)."""
+    if qh.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qh, kh, vh, 0.0, causal, scale=scale)
+    if qh.dtype in (torch.float16, torch.bfloat16):
+        return torch.ops.aten._scaled_dot_product_flash_attention(qh, kh, vh, 0.0, causal, False, scale=scale)[:2]
+    return torch.ops.aten._scaled_dot_product_efficient_attention(qh, kh, vh, None, True, 0.0, causal,
+                                                                  scale=scale)[:2]
+
+
+class RunningAttention:
+    """Merges partial attentions one at a time, so only the running result and the newest part are alive
+    (prefill parts are (T, Hq, D) each: keeping them all costs memory and traffic)."""
+
+    def __init__(self):
+        self.out: torch.Tensor | None = None  # (T, Hq, D) fp32
+        self.lse: torch.Tensor | None = None  # (T, Hq) fp32
+
+    def add(self, out: torch.Tensor, lse: torch.Tensor) -> None:
+        if self.out is None:
+            self.out, self.lse = out.float(), lse
+            return
+        m = torch.maximum(self.lse, lse)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        w_old, w_new = torch.exp(self.lse - m), torch.exp(lse - m)
+        total = w_old + w_new
+        self.out = (self.out * w_old[..., None] + out.float() * w_new[..., None]) / total[..., None]
+        self.lse = m + torch.log(total)
 
 
 def merge_attention(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,7 +17,7 @@ in place, disk pages are read by the threads into ring slots.
 Disk reads: plain threads calling ``os.preadv`` (O_DIRECT) into preallocated pinned buffers, kept because
 they were faster than ``aiofiles`` on the GPU machine's disk, measured in one run of
 ``scripts/bench_store.py`` (H100 machine, virtio disk, 2 GiB file, 1 MiB requests, 8 in flight, 2026-11-23):
-preadv threads 1.58 GB/s, aiofiles 1.02 GB/s (earlier runs: 1.69 / 0.98 and 1.94 / 1.31). aiofiles runs the
+preadv threads 2.03 GB/s, aiofiles 1.25 GB/s (earlier runs: 1.58 / 1.02, 1.69 / 0.98 and 1.94 / 1.31). aiofiles runs the
 same blocking read in a thread pool behind an asyncio loop, through the page cache, and hands back a bytes
 object that must then be copied into the pinned buffer.
 """

@@ -26,7 +26,7 @@ class _ExactLayer:
         self.v: torch.Tensor | None = None
 
     def _store(self, k: torch.Tensor, v: torch.Tensor, rp: RotaryPositions) -> int:
-        start = int(rp.pos[0])
+        start = rp.start
         self.write(start, rp.rotate(k), v)
         return start
 

@@ -16,7 +16,7 @@ import weakref
 import torch
 
 from ...models.args import ModelArgs
-from ..attention import block_attention_lse, merge_attention, recent_attention_lse
+from ..attention import RunningAttention, block_attention_lse, recent_attention_lse
 from ..kv import KVCache
 from ..pages import PageGeometry
 from ..pipeline import BlockReader
@@ -29,14 +29,12 @@ class _TieredExactLayer:
 
     def prefill(self, q, k, v, rp):
         cache, store = self.cache, self.cache.store
-        start, T = int(rp.pos[0]), k.shape[0]
+        start, T = rp.start, k.shape[0]
         P = store.geometry.page_tokens
         q, k = rp.rotate(q), rp.rotate(k)
-        outs, lses = [], []
+        merged = RunningAttention()
         for _, kv in cache.reader.blocks(self.layer):  # (n, 2, Hkv, P, D)
-            o, l = block_attention_lse(q, kv)
-            outs.append(o)
-            lses.append(l)
+            merged.add(*block_attention_lse(q, kv))
         # The open page's filled rows and the new tokens, one short causal run.
         partial = start % P
         kt, vt = k.transpose(0, 1), v.transpose(0, 1)  # (Hkv, T, D)
@@ -44,12 +42,9 @@ class _TieredExactLayer:
             page = store.open_page(self.layer)
             kt = torch.cat([page[0, :, :partial].to(kt.dtype), kt], dim=1)
             vt = torch.cat([page[1, :, :partial].to(vt.dtype), vt], dim=1)
-        o, l = recent_attention_lse(q, kt.contiguous(), vt.contiguous())
-        outs.append(o)
-        lses.append(l)
-        out, _ = merge_attention(outs, lses)
+        merged.add(*recent_attention_lse(q, kt.contiguous(), vt.contiguous()))
         store.write(self.layer, start, k, v)
-        return out.to(q.dtype)
+        return merged.out.to(q.dtype)
 
     decode = prefill
 

@@ -1,0 +1,30 @@
+"""Probe (development aid): where a tiered chunked prefill spends its time on the GPU (torch profiler)."""
+import sys
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, "scripts")
+from bench_store import LLAMA31_8B, build_model  # noqa: E402
+
+from localkv.models.args import ModelArgs
+from localkv.offload import make_cache
+from localkv.offload.store import Budgets
+
+args = ModelArgs(**LLAMA31_8B)
+model = build_model(args)
+torch.cuda.set_per_process_memory_fraction(24 * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+n, chunk = 65536, 16384
+ids = torch.randint(0, args.vocab_size, (n,), device="cuda")
+cache = make_cache("exact", args, n, device="cuda", dtype=torch.bfloat16,
+                   budgets=Budgets(2 * 2**30, 12 * 2**30, None))
+with torch.inference_mode():
+    for s in range(0, n, chunk):  # warm: pins the CPU arenas
+        model(ids[s:s + chunk], cache)
+    cache.truncate(0)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for s in range(0, n, chunk):
+            model(ids[s:s + chunk], cache)
+        torch.cuda.synchronize()
+print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=60))
