@@ -36,12 +36,32 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
+        self.qkv_weight: torch.Tensor | None = None  # set by fuse()
+        self.qkv_bias: torch.Tensor | None = None
+
+    def fuse(self) -> None:
+        """One (q|k|v) matrix, read in one pass per token; the three projections become views into it."""
+        self.qkv_weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        self.qkv_bias = (torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+                         if self.q_proj.bias is not None else None)
+        nq, nk = self.q_proj.weight.shape[0], self.k_proj.weight.shape[0]
+        for proj, (a, b) in ((self.q_proj, (0, nq)), (self.k_proj, (nq, nq + nk)), (self.v_proj, (nq + nk, None))):
+            proj.weight = nn.Parameter(self.qkv_weight[a:b], requires_grad=False)
+            if proj.bias is not None:
+                proj.bias = nn.Parameter(self.qkv_bias[a:b], requires_grad=False)
 
     def forward(self, x, rp, layer_kv, decode: bool):
         T = x.shape[0]
-        q = self.q_proj(x).view(T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(T, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(T, self.n_kv_heads, self.head_dim)
+        if self.qkv_weight is not None:
+            qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+            nq, nk = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+            q = qkv[:, :nq].view(T, self.n_heads, self.head_dim)
+            k = qkv[:, nq:nq + nk].view(T, self.n_kv_heads, self.head_dim)
+            v = qkv[:, nq + nk:].view(T, self.n_kv_heads, self.head_dim)
+        else:
+            q = self.q_proj(x).view(T, self.n_heads, self.head_dim)
+            k = self.k_proj(x).view(T, self.n_kv_heads, self.head_dim)
+            v = self.v_proj(x).view(T, self.n_kv_heads, self.head_dim)
         attend = layer_kv.decode if decode else layer_kv.prefill
         out = attend(q, k, v, rp)  # (T, Hq, D)
         return self.o_proj(out.reshape(T, self.n_heads * self.head_dim))
@@ -53,8 +73,21 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(args.dim, args.ffn_dim, bias=args.mlp_bias)
         self.up_proj = nn.Linear(args.dim, args.ffn_dim, bias=args.mlp_bias)
         self.down_proj = nn.Linear(args.ffn_dim, args.dim, bias=args.mlp_bias)
+        self.gate_up_weight: torch.Tensor | None = None  # set by fuse()
+
+    def fuse(self) -> None:
+        """One (gate|up) matrix; the two projections become views into it."""
+        if self.gate_proj.bias is not None:
+            return
+        n = self.gate_proj.weight.shape[0]
+        self.gate_up_weight = torch.cat([self.gate_proj.weight, self.up_proj.weight])
+        self.gate_proj.weight = nn.Parameter(self.gate_up_weight[:n], requires_grad=False)
+        self.up_proj.weight = nn.Parameter(self.gate_up_weight[n:], requires_grad=False)
 
     def forward(self, x):
+        if self.gate_up_weight is not None:
+            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -84,6 +117,14 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rope = Rope(args, self.embed_tokens.weight.device)
+
+    def fuse(self) -> "Transformer":
+        """Fuse q/k/v and gate/up into single matrices (fewer, larger products per token; same numbers).
+        The separate projections stay, as views, so ``state_dict`` keeps its names and no memory is added."""
+        for block in self.layers:
+            block.self_attn.fuse()
+            block.mlp.fuse()
+        return self
 
     def to_device(self, device: torch.device | str) -> "Transformer":
         self.to(device)

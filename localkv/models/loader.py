@@ -76,7 +76,7 @@ def build_model(args: ModelArgs, weights, device: torch.device, dtype: torch.dty
     if args.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.rope = Rope(args, device)
-    return model.eval().requires_grad_(False)
+    return model.eval().requires_grad_(False).fuse()
 
 
 def _load_hf_dir(path: Path, device, dtype) -> LoadedModel:

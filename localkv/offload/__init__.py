@@ -1,4 +1,5 @@
-"""The KV cache and the policies over it (the tiered store arrives with the "tiered KV store" issue)."""
+"""The KV cache: the contract the model sees (``kv``), the tiered store (pages, tiers, disk, the I/O pipeline),
+the placement planner, sessions on disk, and the policies that are views over it."""
 
 from .kv import KVCache, LayerKV
 from .policies import POLICIES, make_cache

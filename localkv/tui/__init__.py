@@ -1,1 +1,1 @@
-"""Terminal front ends: the plain REPL now, the Textual chat app with the TUI issue."""
+"""Terminal front ends: the Textual chat app (``app.py``) and the plain line-by-line chat (``repl.py``)."""
