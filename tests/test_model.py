@@ -81,3 +81,16 @@ def test_sharded_qwen2_directory_matches_transformers(tmp_path):
     with torch.no_grad():
         got = loaded.model(ids, make_cache("exact", loaded.args, 64), all_logits=True)
         torch.testing.assert_close(got, hf(ids[None]).logits[0], rtol=1e-4, atol=1e-4)
+
+
+def test_fused_weights_follow_the_model_across_moves():
+    hf, ours, args = _hf_and_ours("qwen2")
+    ids = torch.randint(0, 100, (9,))
+    ours = ours.to(torch.float64)  # moves/casts every projection: the fused matrices must follow
+    ours.rope = type(ours.rope)(args)
+    attn = ours.layers[0].self_attn
+    assert attn.qkv_weight.dtype == torch.float64
+    assert attn.q_proj.weight.data_ptr() == attn.qkv_weight.data_ptr()  # still views, no second copy
+    with torch.no_grad():
+        got = ours(ids, make_cache("exact", args, 16), all_logits=True)
+        torch.testing.assert_close(got, hf.double()(ids[None]).logits[0].float(), rtol=1e-4, atol=1e-4)

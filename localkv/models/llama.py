@@ -50,6 +50,13 @@ class Attention(nn.Module):
             if proj.bias is not None:
                 proj.bias = nn.Parameter(self.qkv_bias[a:b], requires_grad=False)
 
+    def _apply(self, fn, recurse=True):
+        # .to() / .half() move each projection on its own: fuse again so the views point into one matrix.
+        super()._apply(fn, recurse)
+        if self.qkv_weight is not None:
+            self.fuse()
+        return self
+
     def forward(self, x, rp, layer_kv, decode: bool):
         T = x.shape[0]
         if self.qkv_weight is not None:
@@ -83,6 +90,12 @@ class MLP(nn.Module):
         self.gate_up_weight = torch.cat([self.gate_proj.weight, self.up_proj.weight])
         self.gate_proj.weight = nn.Parameter(self.gate_up_weight[:n], requires_grad=False)
         self.up_proj.weight = nn.Parameter(self.gate_up_weight[n:], requires_grad=False)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.gate_up_weight is not None:
+            self.fuse()
+        return self
 
     def forward(self, x):
         if self.gate_up_weight is not None:
