@@ -15,6 +15,20 @@ from .args import ModelArgs
 from .rope import Rope
 
 
+def pack(weights: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate (out_i, in) matrices into one (N, in) matrix that ``F.linear`` takes as it is.
+
+    On a CPU it is stored input-major, (in, N), and returned as its transposed view: one-row products (decode)
+    read a matrix with more outputs than inputs about twice as fast that way (MKL's gemv, measured on the
+    2-core dev machine: 19.5 against 11.8 GB/s for 30 layers of 3072x576; the lm_head 23 against 10 GB/s).
+    Slices of the result are views, so the separate projections keep their names without a second copy.
+    """
+    w = torch.cat(weights) if len(weights) > 1 else weights[0]
+    if w.device.type == "cpu":
+        return w.t().contiguous().t()
+    return w
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -41,7 +55,7 @@ class Attention(nn.Module):
 
     def fuse(self) -> None:
         """One (q|k|v) matrix, read in one pass per token; the three projections become views into it."""
-        self.qkv_weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        self.qkv_weight = pack([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
         self.qkv_bias = (torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
                          if self.q_proj.bias is not None else None)
         nq, nk = self.q_proj.weight.shape[0], self.k_proj.weight.shape[0]
@@ -87,7 +101,7 @@ class MLP(nn.Module):
         if self.gate_proj.bias is not None:
             return
         n = self.gate_proj.weight.shape[0]
-        self.gate_up_weight = torch.cat([self.gate_proj.weight, self.up_proj.weight])
+        self.gate_up_weight = pack([self.gate_proj.weight, self.up_proj.weight])
         self.gate_proj.weight = nn.Parameter(self.gate_up_weight[:n], requires_grad=False)
         self.up_proj.weight = nn.Parameter(self.gate_up_weight[n:], requires_grad=False)
 
@@ -137,6 +151,19 @@ class Transformer(nn.Module):
         for block in self.layers:
             block.self_attn.fuse()
             block.mlp.fuse()
+        self._pack_lm_head()
+        return self
+
+    def _pack_lm_head(self) -> None:
+        weight = nn.Parameter(pack([self.lm_head.weight]), requires_grad=False)
+        self.lm_head.weight = weight
+        if self.args.tie_embeddings:
+            self.embed_tokens.weight = weight  # embedding rows read from the transposed view just as well
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.lm_head.weight.device.type != "meta":
+            self._pack_lm_head()
         return self
 
     def to_device(self, device: torch.device | str) -> "Transformer":
