@@ -32,3 +32,27 @@ def test_tiered_matches_in_memory_on_cuda(tmp_path, dtype, gpu_pages, cpu_pages,
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     scale = outs[0].abs().max()
     assert (outs[0] - outs[1]).abs().max() <= tol * scale
+
+
+@pytest.mark.parametrize("T,S,Hq,Hkv,D", [(40, 40, 8, 2, 64), (300, 1000, 32, 8, 128), (17, 530, 12, 4, 64)])
+def test_chunk_attention_matches_fp32_softmax(T, S, Hq, Hkv, D):
+    """The fused (cuDNN or flash) parts, folded by merge_into, equal one fp32 softmax over all the keys."""
+    from localkv.offload.attention import ChunkAttention
+
+    q = torch.randn(T, Hq, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(Hkv, S, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(Hkv, S, D, device="cuda", dtype=torch.bfloat16)
+    attn = ChunkAttention(q)
+    assert attn.fused
+    cut = (S - T) // 3                     # an all-visible part, then the run ending with the queries
+    attn.add(k[:, :cut], v[:, :cut])
+    attn.add(k[:, cut:], v[:, cut:], causal=True)
+    G = Hq // Hkv
+    kr, vr = k.float().repeat_interleave(G, 0), v.float().repeat_interleave(G, 0)   # (Hq, S, D)
+    s = torch.einsum("thd,hsd->hts", q.float(), kr) * D ** -0.5
+    seen = torch.arange(S, device="cuda")[None, :] <= (S - T + torch.arange(T, device="cuda"))[:, None]
+    p = torch.softmax(s.masked_fill(~seen, float("-inf")), -1)
+    want = torch.einsum("hts,hsd->thd", p, vr)
+    assert (attn.result().float() - want).abs().max() < 2e-2
+    lse = torch.logsumexp(s.masked_fill(~seen, float("-inf")), -1)                    # (Hq, T)
+    assert (attn.acc_lse.view(Hq, T) - lse).abs().max() < 2e-2

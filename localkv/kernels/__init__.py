@@ -10,15 +10,18 @@ from .chunk_scores import chunk_scores, chunk_scores_ref
 from .gather_pinned import gather_pinned, gather_pinned_ref
 from .kv_quant import dequantize_page, dequantize_page_ref, quantize_page, quantize_page_ref
 from .lowrank_rope import lowrank_rope, lowrank_rope_ref
-from .merge_attention import merge_attention, merge_attention_ref
+from .merge_attention import merge_attention, merge_attention_ref, merge_into, merge_into_ref
+from .rms_norm import rms_norm, rms_norm_ref
+from .rope import rope, rope_ref
 from .sparse_attention import sparse_attention, sparse_attention_ref
 
 __all__ = [
     "KERNEL_CALLS", "use_triton",
     "sparse_attention", "sparse_attention_ref",
-    "merge_attention", "merge_attention_ref",
+    "merge_attention", "merge_attention_ref", "merge_into", "merge_into_ref",
     "chunk_scores", "chunk_scores_ref",
     "lowrank_rope", "lowrank_rope_ref",
     "gather_pinned", "gather_pinned_ref",
+    "rms_norm", "rms_norm_ref", "rope", "rope_ref",
     "quantize_page", "quantize_page_ref", "dequantize_page", "dequantize_page_ref",
 ]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import KERNEL_CALLS, _dot, check, dot_flags, interpreting, next_pow2, tl, triton, use_triton
+from ._common import KERNEL_CALLS, _dot, check, dot_flags, interpreting, n_sms, next_pow2, tl, triton, use_triton
 
 
 @triton.jit
@@ -65,7 +65,7 @@ def _chunk_scores_kernel(
         s = _dot(q, aT, IEEE, UPCAST) * qk_scale                               # (BLOCK_M, BLOCK_C)
         s = tl.where(valid_m[:, None] & mask_c[None, :], s, float("-inf"))
         tl.store(s_ptr + h * stride_sh + offs_m[:, None] * stride_sm + offs_c[None, :], s,
-                 mask=mask_c[None, :])
+                 mask=valid_m[:, None] & mask_c[None, :])   # padded rows are never written: pass 2 skips them
         bmax = tl.max(s, 1)                                                    # (BLOCK_M,)
         bmax_safe = tl.where(bmax == float("-inf"), 0.0, bmax)
         bsum = tl.sum(tl.exp2(s - bmax_safe[:, None]), 1)                      # (BLOCK_M,)
@@ -79,8 +79,8 @@ def _chunk_scores_finish_kernel(
     s_ptr, stride_sh, stride_sm,            # raw scores scratch (Hkv, BLOCK_M, C) fp32, log2 units
     bmax_ptr, bsum_ptr, stride_th, stride_tb,  # block stats (Hkv, n_blk, BLOCK_M) fp32
     out_ptr, stride_outh,                   # scores (Hkv, C) fp32
-    C, n_blk,
-    G_PAD: tl.constexpr, TQ_PAD: tl.constexpr, BLOCK_M: tl.constexpr,  # BLOCK_M = G_PAD * TQ_PAD
+    C, n_blk, Tq, span,                     # chunks, stat blocks, query tokens, chunks per program
+    G: tl.constexpr, G_PAD: tl.constexpr, TQ_PAD: tl.constexpr, BLOCK_M: tl.constexpr,  # BLOCK_M = G_PAD * TQ_PAD
     BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     h = tl.program_id(0).to(tl.int64)
@@ -99,14 +99,17 @@ def _chunk_scores_finish_kernel(
         l = l * tl.exp2(m - m_safe) + tl.sum(bs * tl.exp2(bm - m_safe[None, :]), 0)
         m = m_new
     lse = tl.where(l > 0, tl.where(m == float("-inf"), 0.0, m) + tl.log2(tl.where(l > 0, l, 1.0)), 0.0)
-    # Probabilities of this program's chunks, summed over t, max over g.
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
-    s = tl.load(s_ptr + h * stride_sh + offs_m[:, None] * stride_sm + offs_c[None, :],
-                mask=mask_c[None, :], other=float("-inf"))                     # (BLOCK_M, BLOCK_C)
-    p = tl.exp2(s - lse[:, None])                                              # 0 on padded rows (s = -inf)
-    per_g = tl.sum(tl.reshape(p, (G_PAD, TQ_PAD, BLOCK_C)), 1)                 # (G_PAD, BLOCK_C), >= 0
-    tl.store(out_ptr + h * stride_outh + offs_c, tl.max(per_g, 0), mask=mask_c)
+    # Probabilities of this program's chunks, summed over t, max over g, a tile at a time.
+    valid_m = (offs_m // TQ_PAD < G) & (offs_m % TQ_PAD < Tq)
+    c_start = tl.program_id(1) * span
+    for c0 in range(c_start, tl.minimum(c_start + span, C), BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        s = tl.load(s_ptr + h * stride_sh + offs_m[:, None] * stride_sm + offs_c[None, :],
+                    mask=valid_m[:, None] & mask_c[None, :], other=float("-inf"))  # (BLOCK_M, BLOCK_C)
+        p = tl.exp2(s - lse[:, None])                                          # 0 on padded rows (s = -inf)
+        per_g = tl.sum(tl.reshape(p, (G_PAD, TQ_PAD, BLOCK_C)), 1)             # (G_PAD, BLOCK_C), >= 0
+        tl.store(out_ptr + h * stride_outh + offs_c, tl.max(per_g, 0), mask=mask_c)
 
 
 def chunk_scores_ref(q, landmarks=None, *, kmin=None, kmax=None, sm_scale: float | None = None):
@@ -185,10 +188,15 @@ def chunk_scores(q, landmarks=None, *, kmin=None, kmax=None, sm_scale: float | N
         **dot_flags(q.dtype), num_warps=4 if BLOCK_M <= 64 else 8,
     )
     if not minmax:
+        # Each pass-2 program re-reads every block's stats to form its rows' LSE, then scores `span` chunks a
+        # tile at a time: about two programs per SM in all, not one per tile (at 128K chunks the re-reads of a
+        # program per tile outweighed the scores themselves).
         BLOCK_C2 = max(32, 8192 // BLOCK_M) if not interpreting() else 64
-        _chunk_scores_finish_kernel[(Hkv, -(-C // BLOCK_C2))](
+        per_head = 2 if interpreting() else -(-(2 * n_sms(q.device)) // Hkv)
+        span = -(-C // (per_head * BLOCK_C2)) * BLOCK_C2
+        _chunk_scores_finish_kernel[(Hkv, -(-C // span))](
             scratch, scratch.stride(0), scratch.stride(1), bmax, bsum, bmax.stride(0), bmax.stride(1),
-            out, out.stride(0), C, n_blk,
-            G_PAD=G_PAD, TQ_PAD=TQ_PAD, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C2, BLOCK_B=32, num_warps=4,
+            out, out.stride(0), C, n_blk, Tq, span,
+            G=G, G_PAD=G_PAD, TQ_PAD=TQ_PAD, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C2, BLOCK_B=32, num_warps=4,
         )
     return out

@@ -4,7 +4,9 @@ The pool ``src (Hkv, N*chunk, D)`` lives in pinned CPU memory with each head's t
 is one contiguous run of ``chunk*D`` elements. Given ``idx (Hkv, n_sel)`` the kernel, running on the GPU,
 reads those runs through the host pointer (Triton accepts a pinned CPU tensor as a pointer argument on
 CUDA; measured 91% of a contiguous pinned copy, research/ceilings.md) and writes them to
-``out[h, dst[h, j]*chunk ...]`` with ``dst`` the destination slots (default ``j``: the chunks in list order).
+``out[h, dst[h, j]*chunk ...]`` with ``dst`` the destination slots (default ``j``: the chunks in list order);
+an entry whose ``dst`` is negative is skipped, so a fixed-size list can carry a device-side mask (ShadowKV
+fetches only the misses of its selection, and one tier's chunks per launch, without reading a count back).
 No CPU gather, no staging buffer. Any dtype (int8/uint8 quantized pools too): rows are moved as 4-byte
 words when the chunk allows. On the CPU interpreter both tensors are simply on the CPU.
 
@@ -33,10 +35,11 @@ def _gather_pinned_kernel(
     h = tl.program_id(0).to(tl.int64)      # KV head
     offs_c = tl.program_id(1) * CHUNKS_PER_PROG + tl.arange(0, CHUNKS_PER_PROG)   # list positions
     mask_c = offs_c < n_sel
-    src_chunk = tl.load(idx_ptr + h * stride_ih + offs_c, mask=mask_c, other=0).to(tl.int64)
     if HAS_DST:
-        dst_chunk = tl.load(dst_ptr + h * stride_dh + offs_c, mask=mask_c, other=0).to(tl.int64)
-    else:
+        dst_chunk = tl.load(dst_ptr + h * stride_dh + offs_c, mask=mask_c, other=-1).to(tl.int64)
+        mask_c = mask_c & (dst_chunk >= 0)                                    # dst < 0: entry skipped
+    src_chunk = tl.load(idx_ptr + h * stride_ih + offs_c, mask=mask_c, other=0).to(tl.int64)
+    if not HAS_DST:
         dst_chunk = offs_c.to(tl.int64)
     offs_e = tl.arange(0, BLOCK_E)
     mask = mask_c[:, None] & (offs_e < CHUNK_ELEMS)[None, :]
@@ -52,10 +55,19 @@ _gather_pinned_tuned = triton.autotune(_CONFIGS, key=["CHUNK_ELEMS", "HAS_DST"])
 
 def gather_pinned_ref(src, idx, out, *, dst=None, chunk_tokens: int = 8):
     """Torch version: index_select on the host into a pinned staging buffer, then one copy to ``out``
-    (a device pool is gathered on the device)."""
+    (a device pool is gathered on the device). With ``dst``, only the entries whose slot is >= 0 move."""
     Hkv, _, D = src.shape
     n_sel = idx.shape[1]
     pool = src.view(Hkv, -1, chunk_tokens * D)                      # (Hkv, N, chunk*D)
+    slots = out.view(Hkv, -1, chunk_tokens * D)                     # (Hkv, n_slots, chunk*D)
+    if dst is not None:
+        where = src.device if src.device.type == "cpu" else out.device
+        d, ids = dst.to(where, torch.long), idx.to(where, torch.long)
+        keep = d >= 0                                                # dst < 0: entry skipped
+        heads = torch.arange(Hkv, device=where)[:, None].expand_as(d)[keep]
+        picked = pool[heads, ids[keep]]                              # (kept, chunk*D)
+        slots[heads.to(out.device), d[keep].to(out.device)] = picked.to(out.device)
+        return out
     if src.device.type == "cpu":
         ids = idx.to("cpu", torch.long)
         staging = torch.empty((Hkv, n_sel, chunk_tokens * D), dtype=src.dtype,
@@ -65,11 +77,7 @@ def gather_pinned_ref(src, idx, out, *, dst=None, chunk_tokens: int = 8):
         picked = staging.to(out.device, non_blocking=True)
     else:
         picked = pool[torch.arange(Hkv, device=src.device)[:, None], idx.to(src.device, torch.long)]
-    slots = out.view(Hkv, -1, chunk_tokens * D)                     # (Hkv, n_slots, chunk*D)
-    if dst is None:
-        slots[:, :n_sel].copy_(picked)
-    else:
-        slots[torch.arange(Hkv, device=out.device)[:, None], dst.to(out.device, torch.long)] = picked.to(out.device)
+    slots[:, :n_sel].copy_(picked)
     return out
 
 
@@ -92,7 +100,8 @@ def gather_pinned(src, idx, out, *, dst=None, chunk_tokens: int = 8):
         idx: (Hkv, n_sel) int32/int64 chunk ids into the pool, on out's device.
         out: (Hkv, n_slots*chunk_tokens, D) destination, same dtype as src, out[h] contiguous.
         dst: optional (Hkv, n_sel) int32/int64 destination slots in ``out`` (default: slot j for list entry j,
-            which needs n_slots >= n_sel); slots must be distinct per head.
+            which needs n_slots >= n_sel); slots must be distinct per head. A negative slot skips its entry
+            (nothing read, nothing written; its ``idx`` may be out of range).
         chunk_tokens: tokens per chunk.
 
     Returns:

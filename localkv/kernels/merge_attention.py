@@ -5,6 +5,9 @@ split of a long index list): ``out_p = Σ_j exp(s_j - lse_p) v_j`` with ``lse_p 
 union, ``lse = ln Σ_p exp(lse_p)`` and ``out = Σ_p exp(lse_p - lse) out_p``. An empty part has
 ``lse_p = -inf`` and weighs nothing (its ``out_p`` is ignored, even NaN); if every part is empty the
 merged row is 0 with ``lse = -inf``. `sparse_attention` uses this kernel as its split-K reduce.
+
+`merge_into` is the running form a chunked prefill needs: one new partial folded into an fp32 accumulator in
+place, ``P = 2`` with the accumulator as the first part, so partials never pile up in memory.
 """
 
 from __future__ import annotations
@@ -126,4 +129,70 @@ def launch_merge(o: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, lse_out:
         o, lse, out, lse_out,
         o.stride(0), o.stride(1), lse.stride(0), lse.stride(1), out.stride(0), lse_out.stride(0),
         P, D, BLOCK_P=min(16, next_pow2(P)), BLOCK_D=next_pow2(D),
+    )
+
+
+@triton.jit
+def _merge_into_kernel(
+    acc_ptr, acc_lse_ptr,   # accumulator (R, D) fp32 and its LSE (R,) fp32, updated in place
+    o_ptr, lse_ptr,         # the new partial (R, D) any float dtype, its LSE (R,) fp32
+    stride_ar, stride_or,   # elements between rows of acc / of the partial (last dims contiguous)
+    stride_alr, stride_lr,  # elements between rows of acc_lse / of lse
+    R, D,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    offs_r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    mask_r = offs_r < R
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = mask_r[:, None] & (offs_d < D)[None, :]
+    la = tl.load(acc_lse_ptr + offs_r * stride_alr, mask=mask_r, other=float("-inf"))  # (BLOCK_R,)
+    lb = tl.load(lse_ptr + offs_r * stride_lr, mask=mask_r, other=float("-inf"))
+    m = tl.maximum(la, lb)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)        # both empty: weights 0, row stays 0 / -inf
+    wa = tl.exp(la - m_safe)                             # (BLOCK_R,) weight of what is accumulated
+    wb = tl.exp(lb - m_safe)                             # weight of the new partial
+    l = wa + wb
+    inv = tl.where(l > 0, 1.0 / tl.where(l > 0, l, 1.0), 0.0)
+    a = tl.load(acc_ptr + offs_r[:, None] * stride_ar + offs_d[None, :], mask=mask, other=0.0)
+    b = tl.load(o_ptr + offs_r[:, None] * stride_or + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    a = tl.where(wa[:, None] > 0, a * (wa * inv)[:, None], 0.0)   # an empty side's values may be garbage
+    b = tl.where(wb[:, None] > 0, b * (wb * inv)[:, None], 0.0)
+    tl.store(acc_ptr + offs_r[:, None] * stride_ar + offs_d[None, :], a + b, mask=mask)
+    tl.store(acc_lse_ptr + offs_r * stride_alr, tl.where(l > 0, m_safe + tl.log(tl.where(l > 0, l, 1.0)),
+                                                         float("-inf")), mask=mask_r)
+
+
+def merge_into_ref(acc: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
+    """Torch version of `merge_into`."""
+    merged, merged_lse = merge_attention_ref(torch.stack([acc, out.to(acc.dtype)]), torch.stack([acc_lse, lse]))
+    acc.copy_(merged)
+    acc_lse.copy_(merged_lse)
+
+
+def merge_into(acc: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
+    """Fold one attention partial into a running fp32 accumulator, in place.
+
+    Args:
+        acc: (R, D) fp32 accumulated output (rows with ``acc_lse = -inf`` hold nothing yet).
+        acc_lse: (R,) fp32 natural-log LSE of what ``acc`` has seen; -inf for nothing.
+        out: (R, D) the new partial over disjoint keys, any float dtype (last dim contiguous).
+        lse: (R,) fp32 its LSE.
+    """
+    R, D = acc.shape
+    check(acc.dtype == torch.float32 and acc_lse.dtype == torch.float32 and lse.dtype == torch.float32,
+          "merge_into: the accumulator and both LSEs must be fp32")
+    check(out.shape == (R, D) and acc_lse.shape == (R,) and lse.shape == (R,),
+          f"merge_into: acc {tuple(acc.shape)}, out {tuple(out.shape)}, lses {tuple(acc_lse.shape)} / "
+          f"{tuple(lse.shape)}")
+    if not use_triton(acc, acc_lse, out, lse):
+        merge_into_ref(acc, acc_lse, out, lse)
+        return
+    check(acc.stride(1) == 1 and out.stride(1) == 1, "merge_into: last dims must be contiguous")
+    if R == 0:
+        return
+    KERNEL_CALLS["merge_into"] += 1
+    BLOCK_R = 16
+    _merge_into_kernel[(-(-R // BLOCK_R),)](
+        acc, acc_lse, out, lse, acc.stride(0), out.stride(0), acc_lse.stride(0), lse.stride(0), R, D,
+        BLOCK_R=BLOCK_R, BLOCK_D=next_pow2(D), num_warps=4,
     )

@@ -5,7 +5,9 @@ Queries ``q (Tq, Hq, D)`` are the Tq = 1..16 newest tokens, already RoPE'd; quer
 
 - **dense** ``k_dense, v_dense (Hkv, S, D)``: a contiguous run (local window, outliers, generated tokens).
   With ``causal=True`` the segment *ends with the Tq query tokens themselves* (their K/V already appended):
-  query t sees dense rows ``j <= S - Tq + t``. With ``causal=False`` every dense row is visible.
+  query t sees dense rows ``j <= S - Tq + t``. With ``causal=False`` every dense row is visible. A CUDA-graphed
+  decode step passes a fixed-size buffer with its filled length in a device tensor ``dense_len``: rows past
+  it are not read, and S above means that length.
 - **chunks** ``k_chunks, v_chunks (Hkv, n_slots * chunk_tokens, D)``: a buffer of chunk slots, and
   ``idx (Hkv, n_sel)`` int32/int64 slot ids per KV head; all selected tokens are visible (they are older).
 
@@ -58,13 +60,16 @@ def _sparse_attention_kernel(
     idx_ptr, stride_ih,                     # idx (Hkv, n_sel) slot ids; elements between heads
     o_ptr, stride_op, stride_ot, stride_oh,  # partial out (n_splits, Tq, Hq, D) fp32: split / token / head
     lse_ptr, stride_lp, stride_lt, stride_lh,  # partial lse (n_splits, Tq, Hq) fp32: split / token / head
+    len_ptr,                                # (1,) int32 filled dense length, read when HAS_LEN
     Tq, S, n_sel, D,                        # query tokens, dense length, selected chunks, head dim
     qk_scale,                               # sm_scale * log2(e)
     split_tokens, n_dense_splits,           # tokens per split; splits [0, n_dense_splits) are dense
-    G: tl.constexpr, CHUNK: tl.constexpr, CAUSAL: tl.constexpr,
+    G: tl.constexpr, CHUNK: tl.constexpr, CAUSAL: tl.constexpr, HAS_LEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):
+    if HAS_LEN:
+        S = tl.load(len_ptr)                # splits were laid out over the buffer; those past S do nothing
     h = tl.program_id(0)                    # KV head
     sp = tl.program_id(1)                   # split
     h64 = h.to(tl.int64)
@@ -127,9 +132,11 @@ def _sparse_attention_kernel(
     tl.store(lse_ptr + sp * stride_lp + t * stride_lt + hq * stride_lh, lse, mask=mask_m)
 
 
+# Swept on an H100 (scripts/sweep_kernels.py, 128K-token lists): small tiles with deep pipelines win,
+# 32-64 keys x 3-5 stages at 2-4 warps, all within 2% of each other; 128-key tiles at 5 stages overflow smem.
 _CONFIGS = [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bn, w, s in [(64, 4, 2), (64, 4, 3), (128, 4, 3), (128, 8, 3), (32, 4, 4), (64, 8, 4)]]
-_sparse_attention_tuned = triton.autotune(_CONFIGS, key=["BLOCK_M", "BLOCK_D", "CHUNK", "CAUSAL"])(
+            for bn, w, s in [(32, 4, 4), (32, 4, 5), (64, 2, 4), (64, 4, 3), (64, 4, 2)]]
+_sparse_attention_tuned = triton.autotune(_CONFIGS, key=["BLOCK_M", "BLOCK_D", "CHUNK", "CAUSAL", "HAS_LEN"])(
     _sparse_attention_kernel)
 
 
@@ -145,8 +152,12 @@ def _gather_chunks(x: torch.Tensor, idx: torch.Tensor, chunk_tokens: int) -> tor
 
 
 def sparse_attention_ref(q, k_dense=None, v_dense=None, k_chunks=None, v_chunks=None, idx=None, *,
-                         chunk_tokens: int = 8, causal: bool = True, sm_scale: float | None = None):
+                         chunk_tokens: int = 8, causal: bool = True, sm_scale: float | None = None,
+                         dense_len: torch.Tensor | None = None):
     """Torch version of `sparse_attention` (fp32 math): gathers the chunks, then masked softmax attention."""
+    if dense_len is not None and k_dense is not None:
+        n = int(dense_len.reshape(-1)[0])
+        k_dense, v_dense = k_dense[:, :n], v_dense[:, :n]
     Tq, Hq, D = q.shape
     Hkv = (k_dense if k_dense is not None else k_chunks).shape[0]
     G = Hq // Hkv
@@ -183,7 +194,8 @@ def _nonempty(t: torch.Tensor | None, like: torch.Tensor, dtype: torch.dtype, nd
 
 def sparse_attention(q, k_dense=None, v_dense=None, k_chunks=None, v_chunks=None, idx=None, *,
                      chunk_tokens: int = 8, causal: bool = True, sm_scale: float | None = None,
-                     split_tokens: int | None = None, out=None, lse_out=None):
+                     split_tokens: int | None = None, out=None, lse_out=None,
+                     dense_len: torch.Tensor | None = None):
     """Attention of the newest Tq queries over a dense KV segment and/or selected chunks.
 
     Args:
@@ -197,6 +209,8 @@ def sparse_attention(q, k_dense=None, v_dense=None, k_chunks=None, v_chunks=None
         sm_scale: score scale, default 1/sqrt(D).
         split_tokens: tokens per split-K program (default: enough splits to fill the GPU ~4 times).
         out: optional (Tq, Hq, D) output buffer (contiguous); lse_out: optional (Tq, Hq) fp32 buffer.
+        dense_len: optional (1,) int32 device tensor, the filled length of the dense segment (at most S):
+            the step reads no host value, so a CUDA graph can replay it as the segment fills.
 
     Returns:
         (out (Tq, Hq, D) in q's dtype, lse (Tq, Hq) fp32 natural-log LSE of the scaled scores).
@@ -239,7 +253,8 @@ def sparse_attention(q, k_dense=None, v_dense=None, k_chunks=None, v_chunks=None
 
     if not use_triton(q, k_dense, v_dense, k_chunks, v_chunks, idx, out):
         o, lse = sparse_attention_ref(q, k_dense, v_dense, k_chunks, v_chunks, idx,
-                                      chunk_tokens=chunk_tokens, causal=causal, sm_scale=scale)
+                                      chunk_tokens=chunk_tokens, causal=causal, sm_scale=scale,
+                                      dense_len=dense_len)
         out.copy_(o)
         lse_out.copy_(lse)
         return out, lse_out
@@ -247,7 +262,9 @@ def sparse_attention(q, k_dense=None, v_dense=None, k_chunks=None, v_chunks=None
     check(G * Tq <= 256, f"G*Tq = {G * Tq} query rows per group: at most 256")
     check(q.stride(2) == 1, "q: last dim must be contiguous")
     if split_tokens is None:
-        per_head = _cdiv(4 * n_sms(q.device), Hkv)                     # splits per KV head to fill the GPU ~4x
+        # Splits per KV head to fill the GPU ~4 times over (single-token queries) or ~2 times (several: each
+        # program then does more math per byte, and fewer, longer splits stream better; swept on an H100).
+        per_head = _cdiv((4 if G * Tq <= 16 else 2) * n_sms(q.device), Hkv)
         split_tokens = max(256, _cdiv(_cdiv(S + n_sel * chunk_tokens, per_head), 256) * 256)
     check(split_tokens >= 1, "split_tokens must be positive")
     n_dense = _cdiv(S, split_tokens)
@@ -259,13 +276,17 @@ def sparse_attention(q, k_dense=None, v_dense=None, k_chunks=None, v_chunks=None
     kc = _nonempty(k_chunks, q, q.dtype, 3)
     vc = _nonempty(v_chunks, q, q.dtype, 3)
     ix = _nonempty(idx, q, torch.int32, 2)
+    has_len = dense_len is not None and k_dense is not None
+    if has_len:
+        check(dense_len.dtype == torch.int32 and dense_len.numel() == 1, "dense_len must be one int32 element")
+    ln = dense_len if has_len else ix
     args = (q, q.stride(0), q.stride(1),
             kd, vd, kd.stride(0), kd.stride(-2), vd.stride(0), vd.stride(-2),
             kc, vc, kc.stride(0), kc.stride(-2), vc.stride(0), vc.stride(-2),
             ix, ix.stride(0),
             o_part, *o_part.stride()[:3], lse_part, *lse_part.stride(),
-            Tq, S, n_sel, D, scale * 1.4426950408889634, split_tokens, n_dense)
-    meta = dict(G=G, CHUNK=chunk_tokens, CAUSAL=causal, BLOCK_M=max(16, next_pow2(G * Tq)),
+            ln, Tq, S, n_sel, D, scale * 1.4426950408889634, split_tokens, n_dense)
+    meta = dict(G=G, CHUNK=chunk_tokens, CAUSAL=causal, HAS_LEN=has_len, BLOCK_M=max(16, next_pow2(G * Tq)),
                 BLOCK_D=max(16, next_pow2(D)), **dot_flags(q.dtype))
     KERNEL_CALLS["sparse_attention"] += 1
     if interpreting():

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .args import ModelArgs
-from .rope import Rope
+from .rope import Rope, fused_small_ops
 
 
 def pack(weights: list[torch.Tensor]) -> torch.Tensor:
@@ -36,6 +36,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and fused_small_ops(x):  # one kernel instead of six launches
+            from ..kernels.rms_norm import rms_norm
+
+            return rms_norm(x, self.weight, self.eps)
         # Normalise in fp32 whatever the weights' dtype, as the reference implementation does.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -195,11 +199,22 @@ class Transformer(nn.Module):
         T = tokens.shape[0]
         start = cache.reserve(T)
         pos = torch.arange(start, start + T, device=self.device)
-        rp = self.rope.positions(pos, self.dtype, start)
+        logits = self.step(tokens, pos, cache, decode=decode, all_logits=all_logits, start=start)
+        cache.commit(T)
+        return logits
+
+    def step(self, tokens: torch.Tensor, pos: torch.Tensor, cache, *, decode: bool, all_logits: bool = False,
+             start: int | None = None) -> torch.Tensor:
+        """The forward proper, positions given as a device tensor and the cache's length left alone.
+
+        With ``start=None`` nothing is read back to the host, so a CUDA graph can hold the whole step and
+        replay it with new ``tokens`` and ``pos`` (``localkv.runtime.graphs``); ``cache`` is then a view whose
+        layers take their write position from the same tensor.
+        """
+        rp = self.rope.positions(pos, self.dtype, start, static=start is None)
         x = self.embed_tokens(tokens)
         for i, block in enumerate(self.layers):
             x = block(x, rp, cache.layer(i), decode)
-        cache.commit(T)
         if not all_logits:
             x = x[-1:]
         return self.lm_head(self.norm(x)).float()

@@ -84,8 +84,9 @@ class RotaryPositions:
 
     pos: torch.Tensor
     """(T,) int64 absolute positions, consecutive."""
-    start: int
-    """``pos[0]`` as a Python int: reading it off the device would stall the CPU once per layer."""
+    start: int | None
+    """``pos[0]`` as a Python int: reading it off the device would stall the CPU once per layer. None in a
+    CUDA-graphed step, where ``pos`` is a static tensor each replay refills."""
     cos: torch.Tensor
     """(T, D) in the compute dtype."""
     sin: torch.Tensor
@@ -96,6 +97,15 @@ class RotaryPositions:
         return apply_rotary(x, self.cos, self.sin)
 
 
+def fused_small_ops(x: torch.Tensor) -> bool:
+    """Whether a small op (RoPE, RMSNorm) on GPU activations ``x`` should run as one Triton kernel.
+
+    Under CUDA-graph capture, always: the replay pays per kernel, not per Python call, and one kernel beats
+    five. For many tokens (prefill), too: fewer passes over memory. An eager decode step is bound by the
+    host's launch time, where torch's own kernels launch several times faster than a Triton launcher."""
+    return x.shape[0] > 64 or torch.cuda.is_current_stream_capturing()
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -103,6 +113,10 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x (T, H, D) rotated by cos/sin (T, D): x * cos + rotate_half(x) * sin."""
+    if x.is_cuda and fused_small_ops(x):  # one kernel instead of five launches
+        from ..kernels.rope import rope
+
+        return rope(x, cos, sin)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (T, 1, D) broadcast over heads
     return x * cos + rotate_half(x) * sin
 
@@ -138,10 +152,12 @@ class Rope:
             self._dynamic_len = seq_len
         return self.inv_freq
 
-    def positions(self, pos: torch.Tensor, dtype: torch.dtype, start: int | None = None) -> RotaryPositions:
+    def positions(self, pos: torch.Tensor, dtype: torch.dtype, start: int | None = None,
+                  static: bool = False) -> RotaryPositions:
         """cos/sin tables (T, D) for consecutive positions ``pos`` (T,), computed in fp32, cast to ``dtype``.
 
-        ``start`` is ``pos[0]`` when the caller knows it (saves a device-to-host read)."""
+        ``start`` is ``pos[0]`` when the caller knows it (saves a device-to-host read). ``static``: ``pos`` is
+        a CUDA graph's input, refilled before each replay; nothing is read back and ``start`` stays None."""
         inv_freq = self.inv_freq
         if self.kind == "dynamic":
             inv_freq = self._dynamic_inv_freq(int(pos.max()) + 1)
@@ -149,6 +165,6 @@ class Rope:
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = (emb.cos() * self.attention_factor).to(dtype)
         sin = (emb.sin() * self.attention_factor).to(dtype)
-        if start is None:
+        if start is None and not static:
             start = int(pos[0]) if pos.numel() else 0
         return RotaryPositions(pos, start, cos, sin, self)

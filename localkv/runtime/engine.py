@@ -24,6 +24,7 @@ from ..models.loader import LoadedModel
 from ..offload import KVCache, make_cache
 from .detok import IncrementalDetokenizer, StopMatcher
 from .events import Done, Event, PrefillProgress, TokenEvent
+from .graphs import DecodeGraphs
 from .sampling import Sampler, SamplingParams
 
 
@@ -45,6 +46,8 @@ class Sequence:
     def __init__(self, cache: KVCache):
         self.cache = cache
         self.ids: list[int] = []
+        self.graphs: DecodeGraphs | None = None
+        """The sequence's graphed decode steps, made at its first decode where the cache allows them."""
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -68,7 +71,7 @@ class Engine:
 
     def __init__(self, loaded: LoadedModel, *, ctx_tokens: int, policy: str = "exact",
                  prefill_chunk: int | None = None, budgets=None, kv_dtype: torch.dtype | None = None,
-                 **policy_options):
+                 cuda_graphs: bool = True, **policy_options):
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -78,6 +81,8 @@ class Engine:
         """Tier budgets (``localkv.offload.store.Budgets``), or None to keep the KV whole on the device."""
         self.kv_dtype = kv_dtype or self.model.dtype
         self.policy_options = policy_options
+        self.cuda_graphs = cuda_graphs
+        """Decode through CUDA graphs where the cache allows it (``localkv.runtime.graphs``)."""
         on_gpu = self.model.device.type == "cuda"
         self.prefill_chunk = prefill_chunk or (4096 if on_gpu else 512)
 
@@ -112,10 +117,14 @@ class Engine:
     @torch.inference_mode()
     def decode_one(self, seq: Sequence, token: int) -> torch.Tensor:
         """Run one generated token; returns the logits for the next (vocab,)."""
-        tokens = torch.tensor([token], dtype=torch.long, device=self.model.device)
-        logits = self.model(tokens, seq.cache, decode=True)
+        if seq.graphs is None and self.cuda_graphs and DecodeGraphs.supported(self.model, seq.cache):
+            seq.graphs = DecodeGraphs(self.model, seq.cache)
+        logits = seq.graphs(token) if seq.graphs is not None else None
+        if logits is None:
+            tokens = torch.tensor([token], dtype=torch.long, device=self.model.device)
+            logits = self.model(tokens, seq.cache, decode=True)[-1]
         seq.ids.append(token)
-        return logits[-1]
+        return logits
 
     # -- the token generator -----------------------------------------------------------------------------
     def check_fits(self, seq: Sequence, target: list[int]) -> None:

@@ -54,3 +54,27 @@ def test_rejects_non_contiguous_heads():
     src = torch.randn(2, 64, 32).transpose(1, 2)
     with pytest.raises(ValueError, match="contiguous"):
         gather_pinned(src, torch.zeros(2, 1, dtype=torch.int32), torch.empty(2, 8, 64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_negative_slots_are_skipped(dtype, kernel_ran):
+    """dst < 0 masks an entry out (its id may be anything): only the others move."""
+    Hkv, N, chunk, D, n_sel, n_slots = 2, 16, 8, 64, 9, 12
+    src = _pool((Hkv, N * chunk, D), dtype)
+    idx = torch.randint(0, N, (Hkv, n_sel), device=DEVICE)
+    dst = torch.stack([torch.randperm(n_slots)[:n_sel] for _ in range(Hkv)]).to(DEVICE)
+    skip = torch.rand(Hkv, n_sel, device=DEVICE) < 0.5
+    dst = torch.where(skip, -1, dst)
+    idx = torch.where(skip, 10 ** 9, idx)                      # out of range: must not be read
+    out, ref = poisoned((Hkv, n_slots * chunk, D), dtype), poisoned((Hkv, n_slots * chunk, D), dtype)
+    gather_pinned(src, idx, out, dst=dst, chunk_tokens=chunk)
+    kernel_ran("gather_pinned")
+    gather_pinned_ref(src, idx, ref, dst=dst, chunk_tokens=chunk)
+    assert torch.equal(out.view(torch.uint8), ref.view(torch.uint8))
+    pool, slots = src.view(Hkv, N, chunk * D).to(DEVICE), out.view(Hkv, n_slots, chunk * D)
+    for h in range(Hkv):
+        keep = dst[h] >= 0
+        assert torch.equal(slots[h, dst[h][keep]], pool[h, idx[h][keep]])
+        written = torch.zeros(n_slots, dtype=torch.bool, device=DEVICE)
+        written[dst[h][keep]] = True
+        assert torch.isnan(slots[h, ~written].float()).all()

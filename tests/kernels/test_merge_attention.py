@@ -4,7 +4,7 @@ import pytest
 import torch
 from kernel_testing import DEVICE, DTYPES, assert_close, poisoned
 
-from localkv.kernels import merge_attention, merge_attention_ref
+from localkv.kernels import merge_attention, merge_attention_ref, merge_into, merge_into_ref
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -46,3 +46,43 @@ def test_equals_softmax_over_union(kernel_ran):
     kernel_ran("merge_attention")
     assert_close(out, torch.einsum("thl,hld->thd", torch.softmax(s, -1), v), torch.float32)
     assert_close(lse, torch.logsumexp(s, -1), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("R,D", [(1, 64), (37, 128), (100, 80)])
+def test_merge_into_matches_reference(R, D, dtype, kernel_ran):
+    acc, acc_lse = torch.randn(R, D, device=DEVICE), torch.randn(R, device=DEVICE) * 5
+    part, lse = torch.randn(R, D, dtype=dtype, device=DEVICE), torch.randn(R, device=DEVICE) * 5
+    acc_lse[0] = float("-inf")                 # nothing accumulated yet in row 0: its acc is garbage
+    acc[0] = float("nan")
+    if R > 2:
+        lse[1] = float("-inf")                 # an empty partial in row 1...
+        part[1] = float("nan")                 # ...whose values must be ignored
+        acc_lse[2], lse[2] = float("-inf"), float("-inf")   # row 2 has nothing at all
+    want, want_lse = acc.clone(), acc_lse.clone()
+    merge_into_ref(want, want_lse, part, lse)
+    merge_into(acc, acc_lse, part, lse)
+    kernel_ran("merge_into")
+    assert_close(acc, want, torch.float32 if dtype == torch.float32 else dtype, "acc")
+    assert_close(acc_lse[acc_lse.isfinite()], want_lse[want_lse.isfinite()], torch.float32, "lse")
+    assert torch.equal(acc_lse.isinf(), want_lse.isinf())
+    if R > 2:
+        assert torch.all(acc[2] == 0)
+
+
+def test_merge_into_folds_to_attention_over_union(kernel_ran):
+    T, H, D, L = 5, 4, 64, 60
+    q = torch.randn(T, H, D, device=DEVICE)
+    k, v = torch.randn(H, L, D, device=DEVICE), torch.randn(H, L, D, device=DEVICE)
+    s = torch.einsum("thd,hld->thl", q, k) * D ** -0.5
+    want = torch.einsum("thl,hld->thd", torch.softmax(s, -1), v).reshape(T * H, D)
+    acc = torch.zeros(T * H, D, device=DEVICE)
+    acc_lse = torch.full((T * H,), float("-inf"), device=DEVICE)
+    for part in (slice(0, 7), slice(7, 31), slice(31, L)):
+        sp = s[..., part]
+        lse = torch.logsumexp(sp, -1)
+        out = torch.einsum("thl,hld->thd", torch.exp(sp - lse[..., None]), v[:, part])
+        merge_into(acc, acc_lse, out.reshape(T * H, D), lse.reshape(T * H))
+    kernel_ran("merge_into")
+    assert_close(acc, want, torch.float32, "out")
+    assert_close(acc_lse, torch.logsumexp(s, -1).reshape(T * H), torch.float32, "lse")

@@ -94,3 +94,20 @@ def test_rejects_bad_shapes():
         sparse_attention(q, k[:2].half(), k[:2].half())
     with pytest.raises(ValueError, match="together"):
         sparse_attention(q, None, None, k[:2], k[:2], None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("filled", [1, 23, 64])
+def test_dense_len_reads_only_the_filled_rows(filled, dtype, kernel_ran):
+    """A graphed decode passes a fixed buffer and its filled length on the device: rows past it (poisoned
+    here) are never read, and the result equals attention over the filled rows alone."""
+    Tq, Hkv, G, D, S = 1, 2, 4, 64, 64
+    q = torch.randn(Tq, Hkv * G, D, dtype=dtype, device=DEVICE)
+    k, v = (torch.randn(Hkv, S, D, dtype=dtype, device=DEVICE) for _ in range(2))
+    k[:, filled:], v[:, filled:] = float("nan"), float("nan")
+    n = torch.tensor([filled], dtype=torch.int32, device=DEVICE)
+    out, lse = sparse_attention(q, k, v, causal=True, dense_len=n, split_tokens=16)
+    kernel_ran("sparse_attention")
+    want, want_lse = sparse_attention_ref(q, k[:, :filled], v[:, :filled], causal=True)
+    assert_close(out, want, dtype, "out")
+    assert_close(lse, want_lse, torch.float32, "lse")

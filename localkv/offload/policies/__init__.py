@@ -10,8 +10,9 @@ from ..kv import KVCache
 from ..store import Budgets
 from .exact import DeviceExactKV
 from .exact_tiered import TieredExactKV
+from .shadowkv import ShadowKV
 
-POLICIES = ("exact",)
+POLICIES = ("exact", "shadowkv")
 
 
 def make_cache(policy: str, args: ModelArgs, capacity: int, *, device: torch.device | str = "cpu",
@@ -23,6 +24,8 @@ def make_cache(policy: str, args: ModelArgs, capacity: int, *, device: torch.dev
     """
     if policy not in POLICIES:
         raise UserError(f"unknown policy {policy!r} (available: {', '.join(POLICIES)})")
+    if policy == "shadowkv":
+        return ShadowKV(args, capacity, budgets=budgets, device=device, dtype=dtype, **options)
     if budgets is None:
         return DeviceExactKV(args, capacity)
     return TieredExactKV(args, capacity, budgets=budgets, device=device, dtype=dtype, **options)

@@ -3,6 +3,9 @@
 Keys are rotated as they are written (this policy never needs them unrotated) and kept with the values in
 per-layer buffers (Hkv, capacity, D) that grow by doubling up to the context limit, so a short chat on
 a long ``--ctx`` does not reserve the whole context up front.
+
+``static_view`` serves a CUDA-graphed decode step (``localkv.runtime.graphs``): the buffers are grown to a fixed
+number of rows first, and the step writes at, and attends up to, positions it reads from device tensors.
 """
 
 from __future__ import annotations
@@ -59,6 +62,37 @@ class _ExactLayer:
     decode = prefill  # exact attention is the same computation for 1 token or a prompt chunk
 
 
+class _StaticDecodeLayer:
+    """One layer's decode inside a CUDA graph: nothing depends on a host value, so a replay is valid at any
+    position below the view's row count."""
+
+    def __init__(self, layer: _ExactLayer, view: "StaticDecodeView"):
+        self.layer, self.view = layer, view
+
+    def decode(self, q, k, v, rp):
+        from ...kernels.sparse_attention import sparse_attention
+
+        lay, rows = self.layer, self.view.rows
+        lay.k.index_copy_(1, rp.pos, rp.rotate(k).transpose(0, 1))  # write at the step's position (T,)
+        lay.v.index_copy_(1, rp.pos, v.transpose(0, 1))
+        out, _ = sparse_attention(rp.rotate(q), lay.k[:, :rows], lay.v[:, :rows], causal=True,
+                                  dense_len=self.view.length)  # rows past the filled length are not read
+        return out
+
+    prefill = decode
+
+
+class StaticDecodeView:
+    """The cache as a graphed decode step sees it: ``rows`` buffered tokens, ``length`` (1,) int32 filled."""
+
+    def __init__(self, cache: "DeviceExactKV", rows: int, length: torch.Tensor):
+        self.rows, self.length = rows, length
+        self.layers = [_StaticDecodeLayer(lay, self) for lay in cache.layers]
+
+    def layer(self, i: int) -> _StaticDecodeLayer:
+        return self.layers[i]
+
+
 class DeviceExactKV(KVCache):
     """Exact attention, all KV in memory of the model's device (GPU, or CPU on a machine without one)."""
 
@@ -72,6 +106,20 @@ class DeviceExactKV(KVCache):
 
     def layer(self, i: int) -> _ExactLayer:
         return self.layers[i]
+
+    def static_view(self, rows: int, length: torch.Tensor) -> StaticDecodeView | None:
+        """A view for a graphed decode step over ``rows`` buffered tokens (buffers grown to hold them), or
+        None while a layer has no buffer yet (nothing prefilled)."""
+        if any(lay.k is None for lay in self.layers):
+            return None
+        for lay in self.layers:
+            if lay.k.shape[1] < rows:
+                lay._grow(rows, lay.k.transpose(0, 1))
+        return StaticDecodeView(self, rows, length)
+
+    def buffers(self) -> tuple[int, ...]:
+        """Addresses of the KV buffers: a graph captured over them is valid while these stay the same."""
+        return tuple(t.data_ptr() for lay in self.layers for t in (lay.k, lay.v) if t is not None)
 
     def token_runs(self, layer, n_tokens):
         lay = self.layers[layer]

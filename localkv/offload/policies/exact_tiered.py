@@ -16,7 +16,7 @@ import weakref
 import torch
 
 from ...models.args import ModelArgs
-from ..attention import RunningAttention, block_attention_lse, recent_attention_lse
+from ..attention import ChunkAttention
 from ..kv import KVCache
 from ..pages import PageGeometry
 from ..pipeline import BlockReader
@@ -32,9 +32,9 @@ class _TieredExactLayer:
         start, T = rp.start, k.shape[0]
         P = store.geometry.page_tokens
         q, k = rp.rotate(q), rp.rotate(k)
-        merged = RunningAttention()
+        attn = ChunkAttention(q)
         for _, kv in cache.reader.blocks(self.layer):  # (n, 2, Hkv, P, D)
-            merged.add(*block_attention_lse(q, kv))
+            attn.add_pages(kv)
         # The open page's filled rows and the new tokens, one short causal run.
         partial = start % P
         kt, vt = k.transpose(0, 1), v.transpose(0, 1)  # (Hkv, T, D)
@@ -42,9 +42,9 @@ class _TieredExactLayer:
             page = store.open_page(self.layer)
             kt = torch.cat([page[0, :, :partial].to(kt.dtype), kt], dim=1)
             vt = torch.cat([page[1, :, :partial].to(vt.dtype), vt], dim=1)
-        merged.add(*recent_attention_lse(q, kt.contiguous(), vt.contiguous()))
+        attn.add(kt, vt, causal=True)
         store.write(self.layer, start, k, v)
-        return merged.out.to(q.dtype)
+        return attn.result()
 
     decode = prefill
 

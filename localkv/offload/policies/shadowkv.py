@@ -1,0 +1,209 @@
+"""The ShadowKV policy over the tiered store: low-rank keys and landmarks on the device, values fetched sparsely.
+
+ShadowKV (arXiv 2410.21465; research/methods.md) as localkv runs it. The full K and V of every token go to the
+`KVStore` (keys rotated, as the exact policy writes them, so both views can share a store); the policy adds a
+device-side index per layer and attends, at each decode step, to
+
+    sink | outliers | selected chunks | recent window (local chunks + generated tokens)
+
+- **prefill** is exact (the tiered exact policy's streamed attention over the stored prefix and the chunk); its
+  keys then extend the index: U rows on the low-rank basis (`shadowkv_lowrank`), a landmark and a coherence per
+  8-token chunk once it leaves the recent window, outliers chosen again (`shadowkv_index`);
+- **decode** (1..γ tokens) scores the landmarks, takes the top-k chunks per KV head within ``budget``
+  (`selection`), reuses the chunks still in the layer's slot buffer, fetches only the misses' values from
+  wherever the store keeps them (`shadowkv_fetch`, on a side stream on a GPU) while the keys of the selected
+  chunks are rebuilt from U and SV with RoPE (`kernels.lowrank_rope`), then one `kernels.sparse_attention`
+  over the exact dense part and the selected slots;
+- **generated tokens** stay exact in the recent window, with room for ``window_tokens`` (ShadowKV's own buffer
+  holds ~100, unchecked); past that the older ones are sealed into indexed chunks like the prompt's.
+
+Every piece of the index is a function of the token sequence (not of how it was chunked or when it was
+truncated), so ``truncate`` and a session saved and resumed (`token_runs` exports the store's rotated keys,
+`load_tokens` rebuilds the index from them un-rotated) continue exactly as a run that never stopped.
+`ShadowKVConfig` lists the options (``make_cache("shadowkv", ..., budget=1/16, rank=64)``); `stats` reports
+selection size, hit rate, bytes moved per tier, rank, reconstruction error, device bytes of the index and,
+with ``measure_recall=True``, the exact attention mass the attended tokens held.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from ...errors import UserError
+from ...models.args import ModelArgs
+from ...models.rope import Rope, rotate_half
+from ..kv import KVCache
+from ..pages import PageGeometry
+from ..pipeline import BlockReader
+from ..store import Budgets, KVStore
+from .exact_tiered import TieredExactKV
+from .shadowkv_fetch import CPU_TIER, DEVICE_TIER, DISK_TIER
+from .shadowkv_layer import ShadowKVLayer
+
+
+@dataclass
+class ShadowKVConfig:
+    """Options of the ShadowKV policy (``make_cache(..., **options)``, ``Engine(..., **options)``)."""
+
+    budget: int | float | None = None
+    """Tokens each decode step selects per KV head: an int, a share of the context (float, e.g. 1/16), or
+    None for ~1.5% of the context (1/64) and at least 256 tokens. Sink, outliers and the window come on top."""
+    rank: int | None = None
+    """Rank of the low-rank keys; default 160 per 1024 key columns (ShadowKV's for Llama-3-8B), scaled, >= 64."""
+    rank_energy: float | None = None
+    """Instead of a fixed rank: the fewest directions holding this share of the keys' energy (e.g. 0.95)."""
+    refresh_error: float = 0.1
+    """Refresh the basis when a block of new keys loses this much more (relative error) than the fitted keys."""
+    chunk_tokens: int = 8
+    """Tokens per chunk: the unit of landmarks, selection and fetch."""
+    sink_tokens: int = 8
+    """First tokens kept exact on the device (rounded up to whole chunks)."""
+    local_chunks: int = 4
+    """Whole chunks the recent window keeps (besides the partial last one) when older tokens are indexed."""
+    window_tokens: int = 1024
+    """Most tokens the exact recent window holds (generated ones included) before the oldest are indexed."""
+    outlier_fraction: float = 0.0025
+    """Share of the indexed chunks kept exact as outliers, per KV head."""
+    min_outliers: int = 4
+    """At least this many outlier chunks per KV head (when that many are indexed)."""
+    slot_factor: float = 2.0
+    """Slots of the per-layer chunk buffer, per selected chunk: the room for hits from earlier steps."""
+    block_tokens: int = 256
+    """Tokens per block of the low-rank basis's refresh rule."""
+    measure_recall: bool = False
+    """Also measure ``attention_recall`` (keeps every rotated key aside on the device: for evaluation only)."""
+    page_tokens: int = 256
+    """Tokens per page of the store."""
+    block_pages: int = 64
+    """Pages per block streamed by the exact prefill."""
+    ring_blocks: int = 4
+    """Device staging blocks of the prefill's stream."""
+
+    def __post_init__(self):
+        C = self.chunk_tokens
+        if C < 1 or self.page_tokens % C:
+            raise UserError(f"page_tokens ({self.page_tokens}) must be a multiple of chunk_tokens ({C})")
+        if isinstance(self.budget, float) and self.budget <= 0 or isinstance(self.budget, int) and self.budget < 0:
+            raise UserError(f"budget must be positive, got {self.budget}")
+        if self.rank is not None and self.rank < 1 or self.rank_energy is not None and not 0 < self.rank_energy <= 1:
+            raise UserError("rank must be >= 1 and rank_energy in (0, 1]")
+        self.sink_tokens = -(-self.sink_tokens // C) * C
+        self.window_tokens = max(self.window_tokens, (self.local_chunks + 1) * C)
+
+    @classmethod
+    def from_options(cls, options: dict) -> "ShadowKVConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise UserError(f"unknown shadowkv option(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        return cls(**options)
+
+
+class RopeTable:
+    """cos/sin (m, D) for positions 0..m-1 in the KV dtype, grown on demand, shared by the layers: what
+    `kernels.lowrank_rope` indexes by position, and the inverse RoPE of keys read back from the store."""
+
+    def __init__(self, rope: Rope, dtype: torch.dtype, capacity: int):
+        self.rope, self.dtype, self.capacity = rope, dtype, capacity
+        self.cos = self.sin = torch.empty(0, rope.dim, dtype=dtype, device=rope.inv_freq.device)
+
+    def ensure(self, n: int) -> None:
+        if self.cos.shape[0] >= n:
+            return
+        m = min(self.capacity, max(n, 2 * self.cos.shape[0], 1024))
+        rp = self.rope.positions(torch.arange(m, device=self.rope.inv_freq.device), self.dtype, 0)
+        self.cos, self.sin = rp.cos.contiguous(), rp.sin.contiguous()
+
+    def unrotate(self, k: torch.Tensor, start: int) -> torch.Tensor:
+        """Pre-RoPE keys (T, H, D) fp32 from rotated ``k`` at positions start..: RoPE is a rotation by θ scaled
+        by the attention factor a (YaRN), so its inverse is ``(x*cos - rotate_half(x)*sin) / a²`` with the
+        scaled tables."""
+        self.ensure(start + k.shape[0])
+        c = self.cos[start:start + k.shape[0]].float()[:, None]   # (T, 1, D)
+        s = self.sin[start:start + k.shape[0]].float()[:, None]
+        k = k.float()
+        return (k * c - rotate_half(k) * s) / self.rope.attention_factor ** 2
+
+
+class ShadowKV(KVCache):
+    """Sparse attention over low-rank keys and fetched values, the KV in the tiered store."""
+
+    name = "shadowkv"
+
+    def __init__(self, args: ModelArgs, capacity: int, *, budgets: Budgets | None, device: torch.device | str,
+                 dtype: torch.dtype, **options):
+        super().__init__(capacity)
+        self.config = cfg = ShadowKVConfig.from_options(options)
+        self.args = args
+        self.n_layers = args.n_layers
+        device = torch.device(device)
+        geometry = PageGeometry(args.n_layers, args.n_kv_heads, args.head_dim, cfg.page_tokens, dtype)
+        if budgets is None:  # the whole context on the device (a CPU machine, or a GPU with room)
+            budgets = Budgets(geometry.n_pages(capacity) * geometry.page_bytes * args.n_layers, 0)
+        self.store = KVStore(geometry, budgets, device)
+        self.reader = BlockReader(self.store, block_pages=cfg.block_pages, ring_blocks=cfg.ring_blocks)
+        self.tables = RopeTable(Rope(args, device), dtype, capacity)
+        self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        """The stream value fetches run on, overlapping the key rebuild."""
+        self.moved = torch.zeros(3, dtype=torch.long, device=device)   # chunks read per tier (device/CPU/disk)
+        self.hits = torch.zeros((), dtype=torch.long, device=device)   # selected chunks found in a slot
+        self.recall = torch.zeros(2, dtype=torch.float64, device=device)  # Σ recall, rows measured
+        self.selected = 0        # chunks selected, over layers, heads and steps
+        self.decode_tokens = 0   # tokens decoded (counted once per forward)
+        self._prefill_from: int | None = None
+        self.layers = [ShadowKVLayer(self, i) for i in range(args.n_layers)]
+
+    def layer(self, i: int) -> ShadowKVLayer:
+        return self.layers[i]
+
+    def reserve(self, n: int) -> int:
+        self._prefill_from = None  # the prefill stream starts with the first layer that prefills
+        return super().reserve(n)
+
+    def begin_prefill(self, start: int) -> None:
+        """Start streaming the stored prefix to the layers (once per forward; decode steps never stream)."""
+        if self._prefill_from != start:
+            self.reader.begin(start)
+            self._prefill_from = start
+
+    def truncate(self, n: int) -> None:
+        super().truncate(n)
+        self.reader.drain()
+        self._prefill_from = None
+        for lay in self.layers:
+            lay.truncate(n)
+
+    token_runs = TieredExactKV.token_runs
+
+    def load_tokens(self, layer, start, k, v):
+        self.layers[layer].load(start, k, v)
+
+    def stats(self):
+        cfg, g = self.config, self.store.geometry
+        chunk_bytes = cfg.chunk_tokens * g.head_dim * g.dtype.itemsize
+        moved = (self.moved * chunk_bytes).tolist()
+        per_token = max(1, self.decode_tokens)
+        index_bytes = sum(lay.device_bytes() for lay in self.layers) + 2 * self.tables.cos.numel() * g.dtype.itemsize
+        ranks = [lay.lowrank.rank for lay in self.layers]
+        errors = [lay.lowrank.error() for lay in self.layers]
+        hits = int(self.hits)
+        out = {
+            **super().stats(), **self.store.stats(),
+            "policy": "shadowkv",
+            "budget_tokens": self.layers[0].budget_tokens() if self.length else 0,
+            "chunks_selected": self.selected / max(1, self.decode_tokens * self.n_layers * g.n_kv_heads),
+            "hit_rate": hits / self.selected if self.selected else 0.0,
+            "fetched_bytes_per_token": {"device": moved[DEVICE_TIER] / per_token, "cpu": moved[CPU_TIER] / per_token,
+                                        "disk": moved[DISK_TIER] / per_token},
+            "rank": max(ranks), "ranks": ranks,
+            "reconstruction_error": sum(errors) / len(errors),
+            "basis_refreshes": sum(lay.lowrank.refreshes for lay in self.layers),
+            "outliers": sum(lay.index.outliers.shape[1] for lay in self.layers) / len(self.layers),
+            "index_device_bytes": index_bytes,
+        }
+        if cfg.measure_recall:
+            total, rows = self.recall.tolist()
+            out["attention_recall"] = total / rows if rows else None
+        return out

@@ -1,0 +1,131 @@
+"""Chunks of one layer's keys or values read out of the tiered store into device slots, wherever they live.
+
+Page p of a layer holds tokens ``p*P ..``; chunk c (tokens ``c*C ..``, C dividing P) sits in page ``c*C // P``
+at token offset ``o = c*C % P``. A page is ``(2, Hkv, P, D)`` with each head's tokens contiguous, so a chunk of
+one head is one run of ``C*D`` elements. An arena of n pages (one tensor of a tier's pool) is seen as a buffer
+``(Hkv, rows, D)`` with head stride ``P*D`` and token stride ``D`` (the view `block_attention_lse` uses); in it the
+chunk at offset o of the page in arena slot s is chunk number ``(s*2*Hkv*P + o) / C``, counted from the K (or,
+shifted by ``Hkv*P*D`` elements, the V) of slot 0. So one `kernels.gather_pinned` launch per arena moves every
+requested chunk that lives there, read by the GPU straight from pinned memory for the CPU tier; the others
+are masked out by a negative destination. The segments of a layer are the arenas of its GPU-tier and CPU-tier
+pages and its open page (one page, on the device), a handful, listed on the host when the layer's pages change.
+
+Pages on disk need the host: when a layer has any, the requested chunks are read back once (one sync for the
+layer) and their pages read through the store. The counts of chunks moved per tier accumulate on the device.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from ...kernels import gather_pinned
+from ..store import CPU, DISK, GPU, KVStore
+
+DEVICE_TIER, CPU_TIER, DISK_TIER = 0, 1, 2  # rows of the ``moved`` counters: chunks read from each
+
+
+def _arena_view(arena: torch.Tensor, part: int) -> torch.Tensor:
+    """Pages (n, 2, Hkv, P, D) seen as (Hkv, rows, D) chunk buffers of their keys (part 0) or values (1)."""
+    n, _, Hkv, P, D = arena.shape
+    rows = ((n - 1) * 2 * Hkv + 1) * P   # up to the last page's keys/values of the last head, within storage
+    return arena.as_strided((Hkv, rows, D), (P * D, D, 1), arena.storage_offset() + part * Hkv * P * D)
+
+
+class StoreChunks:
+    """Reads chunks of one layer out of ``store``: `fetch` into slots, `token_keys` as runs."""
+
+    def __init__(self, store: KVStore, layer: int, chunk_tokens: int):
+        self.store, self.layer, self.C = store, layer, chunk_tokens
+        self.stale = True
+        self.n_pages = -1
+
+    def _table(self) -> None:
+        """(Re)build the page table: the segment of each page and its first chunk's number in it."""
+        store, layer = self.store, self.layer
+        pages = store.pages[layer]
+        if not self.stale and len(pages) == self.n_pages:
+            return
+        g = store.geometry
+        per_slot = 2 * g.n_kv_heads * g.page_tokens // self.C   # chunk numbers between two arena slots
+        segments: list[tuple[int, torch.Tensor]] = []
+        ids: dict[tuple[str, int], int] = {}
+        seg_of, base = [], []
+        for entry in pages:
+            tier = entry.tier
+            if tier == DISK:
+                seg_of.append(-1)
+                base.append(0)
+                continue
+            pool, slot = (store.gpu, entry.gpu) if tier == GPU else (store.cpu, entry.cpu)
+            arena, s = divmod(slot, pool.arena_pages)
+            if (tier, arena) not in ids:
+                ids[tier, arena] = len(segments)
+                segments.append((DEVICE_TIER if tier == GPU else CPU_TIER, pool.arenas[layer][arena]))
+            seg_of.append(ids[tier, arena])
+            base.append(s * per_slot)
+        seg_of.append(len(segments))                            # the open page, one more "arena"
+        base.append(0)
+        segments.append((DEVICE_TIER, store.open[layer][None]))
+        dev = store.device
+        self.segments = segments
+        self.seg_of = torch.tensor(seg_of, dtype=torch.long, device=dev)      # (n_pages + 1,), -1: disk
+        self.base = torch.tensor(base, dtype=torch.long, device=dev)          # (n_pages + 1,)
+        self.kind = torch.tensor([k for k, _ in segments] + [DISK_TIER], dtype=torch.long, device=dev)
+        self.has_disk = -1 in seg_of
+        self.n_pages = len(pages)
+        self.stale = False
+
+    def fetch(self, part: int, chunks: torch.Tensor, dst: torch.Tensor, out: torch.Tensor,
+              moved: torch.Tensor | None = None) -> None:
+        """Copy chunks of keys (``part`` 0) or values (1) into slots of ``out``.
+
+        Args:
+            chunks: (Hkv, n) int64 chunk ids, all sealed or in the open page (below the layer's length).
+            dst: (Hkv, n) int64 slot in ``out`` per entry; -1 skips the entry.
+            out: (Hkv, n_slots*C, D) on the device, the store's dtype.
+            moved: optional (3,) int64 counters, chunks read from the device / CPU / disk tier, added to.
+        """
+        self._table()
+        C, P = self.C, self.store.geometry.page_tokens
+        tok = chunks * C
+        page = (tok // P).clamp(max=self.n_pages)               # the open page is number n_pages
+        seg = self.seg_of[page]                                 # (Hkv, n)
+        src = self.base[page] + (tok % P) // C                  # chunk number inside its arena's view
+        for s, (_, arena) in enumerate(self.segments):
+            gather_pinned(_arena_view(arena, part), src, out, dst=torch.where(seg == s, dst, -1), chunk_tokens=C)
+        if self.has_disk:
+            self._from_disk(part, chunks, torch.where(seg < 0, dst, -1), out)
+        if moved is not None:
+            moved.index_add_(0, self.kind[seg].flatten(), (dst >= 0).flatten().long())
+
+    def _from_disk(self, part: int, chunks: torch.Tensor, dst: torch.Tensor, out: torch.Tensor) -> None:
+        """The entries on disk (``dst`` >= 0): their pages read by the host through the store."""
+        h, j = (dst >= 0).nonzero(as_tuple=True)                # the one host sync, for layers with disk pages
+        if h.numel() == 0:
+            return
+        g = self.store.geometry
+        C, P, D = self.C, g.page_tokens, g.head_dim
+        tok = chunks[h, j] * C
+        pages, which = torch.unique(tok // P, return_inverse=True)
+        data = torch.stack([self.store.read_page(self.layer, int(p)) for p in pages.tolist()])  # (u, 2, Hkv, P, D)
+        runs = data[:, part].reshape(len(pages), g.n_kv_heads, P // C, C * D)[which, h, (tok % P) // C]
+        out.view(g.n_kv_heads, -1, C * D)[h, dst[h, j]] = runs.to(out.device)
+
+    def token_runs(self, part: int, a: int, b: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """Keys (part 0) or values (1) of tokens a..b-1 as (first position, (Hkv, t, D) on the device) runs,
+        page by page (a slow path: truncation, basis refresh, outliers that were not at hand)."""
+        store, P = self.store, self.store.geometry.page_tokens
+        n_sealed = len(store.pages[self.layer])
+        pos = a
+        while pos < b:
+            p = pos // P
+            page = store.read_page(self.layer, p) if p < n_sealed else store.open_page(self.layer)
+            end = min(b, (p + 1) * P)
+            yield pos, page[part, :, pos - p * P:end - p * P]
+            pos = end
+
+    def invalidate(self) -> None:
+        """The layer's pages moved other than by sealing (truncation): list them again before the next fetch."""
+        self.stale = True

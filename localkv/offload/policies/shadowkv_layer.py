@@ -1,0 +1,298 @@
+"""One layer of the ShadowKV policy: its index, its exact dense part, and the prefill / decode / truncate steps.
+
+A layer holding ``n`` tokens splits them at ``W`` (a chunk boundary, only ever moved by a *seal*):
+
+    tokens 0 .. W-1   sealed: chunks with landmarks and U rows; the first ``sink`` tokens and the outlier chunks
+                      are also exact in the dense buffer, the rest are selected per step and fetched
+    tokens W .. n-1   the recent window: exact in the dense buffer
+
+The dense buffer ``(Hkv, rows, D)`` is ``[sink | outliers (n_out chunks per head) | recent]``, rebuilt at each seal
+and appended to by decode, so one `sparse_attention` call (dense part causal: it ends with the queries' own
+tokens) plus the selected slots covers everything. A prefill chunk seals up to ``f(n) = n//C*C - local*C``
+(all but the last ``local_chunks`` whole chunks and the tail); decode seals there once the window passes
+``window_tokens``. ``seal_log`` remembers (length, W before) of each seal, so a truncation behind one returns
+to the window in force at that length and reads its tokens back from the store.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from ...kernels import lowrank_rope, sparse_attention
+from .exact_tiered import _TieredExactLayer
+from .selection import ChunkBuffer, attention_recall, budget_chunks, select_chunks
+from .shadowkv_fetch import StoreChunks
+from .shadowkv_index import ChunkIndex, outlier_count
+from .shadowkv_lowrank import LowRankKeys
+
+
+class ShadowKVLayer:
+    def __init__(self, cache, layer: int):
+        self.cache = weakref.proxy(cache)  # no cycle: the store goes with its cache
+        self.layer = layer
+        self.cfg = cfg = cache.config
+        store = cache.store
+        g = store.geometry
+        self.Hkv, self.D, self.C = g.n_kv_heads, g.head_dim, cfg.chunk_tokens
+        self.dtype, self.device = g.dtype, store.device
+        self.exact = _TieredExactLayer(cache, layer)
+        self.chunks = StoreChunks(store, layer, self.C)
+        self.lowrank = LowRankKeys(self.Hkv, self.D, dtype=self.dtype, device=self.device, capacity=cache.capacity,
+                                   read_keys=self._read_keys, rank=cfg.rank, rank_energy=cfg.rank_energy,
+                                   refresh_error=cfg.refresh_error, block_tokens=cfg.block_tokens)
+        self.index = ChunkIndex(self.Hkv, self.D, self.C, cfg.sink_tokens // self.C, dtype=self.dtype,
+                                device=self.device, capacity_chunks=-(-cache.capacity // self.C))
+        self.buffer = ChunkBuffer(self.Hkv, self.C, self.D, dtype=self.dtype, device=self.device,
+                                  slot_factor=cfg.slot_factor)
+        self.n = 0
+        self.W = 0
+        self.seal_log: list[tuple[int, int]] = []
+        self.sink_rows = 0        # dense rows 0..sink_rows-1: the sealed sink tokens
+        self.fixed = 0            # dense rows before the recent window: sink + outliers
+        self.dense_k = torch.zeros(self.Hkv, 0, self.D, dtype=self.dtype, device=self.device)
+        self.dense_v = torch.zeros_like(self.dense_k)
+        self.all_k: torch.Tensor | None = None  # every rotated key, kept only to measure recall
+
+    # -- the steps attention calls -------------------------------------------------------------------------
+    # All under inference mode, whoever calls (the engine truncates outside it): the index's tensors are made
+    # and changed in one mode, and an inference tensor cannot be changed in place outside inference mode.
+    @torch.inference_mode()
+    def prefill(self, q, k, v, rp):
+        start = rp.start
+        if self.n > start:
+            self.truncate(start)   # a forward that failed half-way left a tail
+        self.cache.begin_prefill(start)
+        out = self.exact.prefill(q, k, v, rp)   # exact over the stored prefix + the chunk; stores the chunk
+        self._append(start, k, rp.rotate(k), v, seal=True)
+        return out
+
+    @torch.inference_mode()
+    def decode(self, q, k, v, rp):
+        start = rp.start
+        if self.n > start:
+            self.truncate(start)
+        k_rot = rp.rotate(k)
+        self.cache.store.write(self.layer, start, k_rot, v)
+        self._append(start, k, k_rot, v, seal=False)
+        if self.layer == 0:
+            self.cache.decode_tokens += k.shape[0]
+        return self._attend(rp.rotate(q).to(self.dtype)).to(q.dtype)
+
+    @torch.inference_mode()
+    def load(self, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Rotated keys and values (T, Hkv, D) of tokens start.. from a saved session: stored, then indexed
+        from the un-rotated keys as a prefill chunk would be."""
+        if self.n > start:
+            self.truncate(start)
+        self.cache.store.write(self.layer, start, k, v)
+        self._append(start, self.cache.tables.unrotate(k, start), k, v, seal=True)
+
+    # -- growing the sequence ------------------------------------------------------------------------------
+    def _append(self, start: int, k: torch.Tensor, k_rot: torch.Tensor, v: torch.Tensor, seal: bool) -> None:
+        """Index tokens start.. (pre-RoPE ``k``, rotated ``k_rot``, ``v``: (T, Hkv, D); already in the store)."""
+        T = k.shape[0]
+        self.lowrank.append(start, k)
+        kt, vt = k_rot.transpose(0, 1).to(self.dtype), v.transpose(0, 1).to(self.dtype)  # (Hkv, T, D)
+        if self.cfg.measure_recall:
+            self._keep_aside(start, kt)
+        self.n = start + T
+        self.cache.tables.ensure(self.n)
+        if seal:
+            self._seal(max(self.W, self._window_start()), kt, vt)
+            return
+        rows = self.fixed + (start - self.W)
+        self._reserve_dense(rows + T)
+        self.dense_k[:, rows:rows + T] = kt
+        self.dense_v[:, rows:rows + T] = vt
+        if self.n - self.W > self.cfg.window_tokens:
+            self._seal(self._window_start())
+
+    def _window_start(self) -> int:
+        """Where the recent window starts after a seal: the last ``local_chunks`` whole chunks and the tail."""
+        return max(0, self.n // self.C * self.C - self.cfg.local_chunks * self.C)
+
+    def _seal(self, W_new: int, kt: torch.Tensor | None = None, vt: torch.Tensor | None = None) -> None:
+        """Index tokens W..W_new-1; the recent window becomes W_new..n-1. ``kt, vt (Hkv, T, D)``: the newest
+        tokens when they are not in the dense buffer yet (a prefill chunk)."""
+        recent = self.n - self.W - (kt.shape[1] if kt is not None else 0)
+        uk = self.dense_k[:, self.fixed:self.fixed + recent]    # (Hkv, recent, D) tokens W.. (rotated)
+        uv = self.dense_v[:, self.fixed:self.fixed + recent]
+        if kt is not None:
+            uk, uv = torch.cat([uk, kt], dim=1), torch.cat([uv, vt], dim=1)  # (Hkv, n - W, D)
+        first = self.W
+        if W_new > first:
+            self.index.seal(uk[:, :W_new - first])
+            self.seal_log.append((self.n, first))
+            self.W = W_new
+        self.lowrank.provisional()
+        self._rebuild(uk, uv, first)
+
+    def _rebuild(self, uk: torch.Tensor, vt: torch.Tensor, first: int) -> None:
+        """Outliers chosen again for the sealed chunks, and the dense buffer rebuilt: [sink | outliers | recent].
+        ``uk, vt (Hkv, n - first, D)``: the rotated keys and values of tokens first.. (first <= W)."""
+        C, W = self.C, self.W
+        n_out = outlier_count(W // C - self.index.sink_chunks, self.cfg.outlier_fraction, self.cfg.min_outliers)
+        ids = self.index.choose_outliers(n_out)                # (Hkv, n_out)
+        out_k, out_v = self._outlier_kv(ids, uk, vt, first)
+        self.index.set_outliers(ids)
+        sink = min(self.cfg.sink_tokens, W)
+        parts_k = [self.dense_k[:, :min(sink, self.sink_rows)], uk[:, :max(0, sink - self.sink_rows)]]
+        parts_v = [self.dense_v[:, :min(sink, self.sink_rows)], vt[:, :max(0, sink - self.sink_rows)]]
+        assert sink <= self.sink_rows or first == self.sink_rows, "the sink's new rows must start the sealed run"
+        new_k = torch.cat(parts_k + [out_k, uk[:, W - first:]], dim=1)
+        new_v = torch.cat(parts_v + [out_v, vt[:, W - first:]], dim=1)
+        self.sink_rows, self.fixed = sink, sink + n_out * C
+        self._reserve_dense(new_k.shape[1], keep=False)
+        self.dense_k[:, :new_k.shape[1]] = new_k
+        self.dense_v[:, :new_v.shape[1]] = new_v
+
+    def _outlier_kv(self, ids, uk, uv, first):
+        """Exact K and V (Hkv, n_out*C, D) of the outlier chunks ``ids``: from the old outliers in the dense
+        buffer, from the tokens being sealed (``uk, uv`` from position ``first``), else from the store."""
+        Hkv, n_new = ids.shape
+        C, D = self.C, self.D
+        out_k = torch.zeros(Hkv, n_new, C * D, dtype=self.dtype, device=self.device)
+        out_v = torch.zeros_like(out_k)
+        if n_new == 0:
+            return out_k.view(Hkv, 0, D), out_v.view(Hkv, 0, D)
+        at_hand = torch.zeros(Hkv, n_new, dtype=torch.bool, device=self.device)
+        old = self.index.outliers                               # (Hkv, n_old)
+        if old.shape[1]:
+            same = ids[:, :, None] == old[:, None, :]           # (Hkv, n_new, n_old)
+            found, where = same.any(-1), same.long().argmax(-1)
+            lo = self.sink_rows
+            for src, dst in ((self.dense_k, out_k), (self.dense_v, out_v)):
+                region = src[:, lo:lo + old.shape[1] * C].reshape(Hkv, old.shape[1], C * D)
+                dst.copy_(torch.where(found[..., None], region.gather(1, where[..., None].expand(-1, -1, C * D)), dst))
+            at_hand |= found
+        m = (self.W - first) // C                               # chunks sealed just now, in uk
+        if m:
+            fresh = ids >= first // C
+            j = (ids - first // C).clamp(0, m - 1)[..., None].expand(-1, -1, C * D)
+            for src, dst in ((uk, out_k), (uv, out_v)):
+                run = src[:, :m * C].reshape(Hkv, m, C * D)
+                dst.copy_(torch.where(fresh[..., None], run.gather(1, j), dst))
+            at_hand |= fresh
+        slot = torch.where(at_hand, -1, torch.arange(n_new, device=self.device).expand(Hkv, n_new))
+        for part, dst in ((0, out_k), (1, out_v)):            # older chunks that became outliers now
+            self.chunks.fetch(part, ids, slot, dst.view(Hkv, n_new * C, D))
+        return out_k.view(Hkv, n_new * C, D), out_v.view(Hkv, n_new * C, D)
+
+    def _reserve_dense(self, rows: int, keep: bool = True) -> None:
+        if self.dense_k.shape[1] >= rows:
+            return
+        size = max(rows, 2 * self.dense_k.shape[1], 64)
+        k = torch.zeros(self.Hkv, size, self.D, dtype=self.dtype, device=self.device)
+        v = torch.zeros_like(k)
+        if keep:
+            used = min(self.dense_k.shape[1], self.fixed + max(0, self.n - self.W))
+            k[:, :used], v[:, :used] = self.dense_k[:, :used], self.dense_v[:, :used]
+        self.dense_k, self.dense_v = k, v
+
+    # -- decode attention ----------------------------------------------------------------------------------
+    def budget_tokens(self) -> int:
+        return budget_chunks(self.cfg.budget, self.n, self.C) * self.C
+
+    def _attend(self, q: torch.Tensor) -> torch.Tensor:
+        """Attention of the newest T queries (T, Hq, D) (post-RoPE, KV dtype) over dense + selected chunks."""
+        C, cache = self.C, self.cache
+        n_chunks = self.W // C
+        pool = n_chunks - min(self.index.sink_chunks, n_chunks) - self.index.outliers.shape[1]
+        k = min(budget_chunks(self.cfg.budget, self.n, C), pool)
+        rows = self.fixed + (self.n - self.W)
+        dense_k, dense_v = self.dense_k[:, :rows], self.dense_v[:, :rows]
+        sel = None
+        if k <= 0:
+            out, _ = sparse_attention(q, dense_k, dense_v, causal=True)
+        else:
+            sel = select_chunks(q, self.index.landmarks[:, :n_chunks], self.index.excluded[:, :n_chunks], k)
+            self.buffer.reserve(k, n_chunks)
+            slots, dst, hit = self.buffer.assign(sel)
+            self._fill(sel, slots, dst)
+            out, _ = sparse_attention(q, dense_k, dense_v, self.buffer.k, self.buffer.v, slots,
+                                      chunk_tokens=C, causal=True)
+            cache.selected += k * self.Hkv
+            cache.hits.add_(hit.sum())
+        if self.cfg.measure_recall:
+            self._measure(q, sel)
+        return out
+
+    def _fill(self, sel: torch.Tensor, slots: torch.Tensor, dst: torch.Tensor) -> None:
+        """Values of the misses fetched into their slots (on the side stream on a GPU) while the keys of every
+        selected chunk are rebuilt from U and SV with RoPE, then scattered to their slots."""
+        cache, buf, lr = self.cache, self.buffer, self.lowrank
+        Hkv, k = sel.shape
+        side = cache.side
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream(self.device))  # selection, slots: made on the main stream
+            with torch.cuda.stream(side):
+                self.chunks.fetch(1, sel, dst, buf.v, cache.moved)
+        else:
+            self.chunks.fetch(1, sel, dst, buf.v, cache.moved)
+        keys = torch.empty(Hkv, k * self.C, self.D, dtype=self.dtype, device=self.device)
+        lowrank_rope(lr.u, lr.sv, sel, cache.tables.cos, cache.tables.sin, keys, chunk_tokens=self.C)
+        width = self.C * self.D
+        buf.k.view(Hkv, -1, width).scatter_(1, slots[..., None].expand(-1, -1, width), keys.view(Hkv, k, width))
+        if side is not None:
+            torch.cuda.current_stream(self.device).wait_stream(side)  # the values land before the attention
+
+    def _keep_aside(self, start: int, kt: torch.Tensor) -> None:
+        end = start + kt.shape[1]
+        if self.all_k is None or self.all_k.shape[1] < end:
+            grown = torch.zeros(self.Hkv, max(end, 2 * start, 256), self.D, dtype=self.dtype, device=self.device)
+            if self.all_k is not None:
+                grown[:, :start] = self.all_k[:, :start]
+            self.all_k = grown
+        self.all_k[:, start:end] = kt
+
+    def _measure(self, q: torch.Tensor, sel: torch.Tensor | None) -> None:
+        """Exact attention mass on [sink | outliers | selected | recent], against every key so far."""
+        C, n_chunks = self.C, self.W // self.C
+        covered = torch.zeros(self.Hkv, self.n, dtype=torch.bool, device=self.device)
+        covered[:, :self.sink_rows] = True
+        covered[:, self.W:] = True
+        chunks = torch.zeros(self.Hkv, n_chunks, dtype=torch.bool, device=self.device)
+        chunks.scatter_(1, self.index.outliers, True)
+        if sel is not None:
+            chunks.scatter_(1, sel, True)
+        covered[:, :n_chunks * C] |= chunks.repeat_interleave(C, dim=1)
+        recall = attention_recall(q, self.all_k[:, :self.n], covered)   # (T, Hq)
+        self.cache.recall[0] += recall.sum().double()
+        self.cache.recall[1] += recall.numel()
+
+    # -- rolling back --------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def truncate(self, n: int) -> None:
+        """Keep tokens 0..n-1 and the index a run that stopped at n would have."""
+        if n >= self.n:
+            return
+        store = self.cache.store
+        self.lowrank.truncate(n)                    # reads the dropped keys: before the store forgets them
+        W = self.W
+        while self.seal_log and self.seal_log[-1][0] > n:
+            _, W = self.seal_log.pop()
+        store.truncate_layer(self.layer, n)
+        self.chunks.invalidate()
+        if W == self.W:                             # the same window, shorter
+            self.n = n
+            self.lowrank.provisional()
+            return
+        self.index.truncate(W // self.C)
+        self.buffer.forget_from(W // self.C)
+        runs = [self.chunks.token_runs(p, W, n) for p in (0, 1)]
+        uk, uv = (torch.cat([r for _, r in rs], dim=1) if n > W else self.dense_k[:, :0] for rs in runs)
+        self.W, self.n = W, n
+        self.lowrank.provisional()
+        self._rebuild(uk.to(self.dtype), uv.to(self.dtype), W)
+
+    def _read_keys(self, a: int, b: int):
+        """Pre-RoPE keys of tokens a..b-1 as (first position, (t, Hkv*D) fp32) runs, from the store."""
+        for pos, k in self.chunks.token_runs(0, a, b):         # (Hkv, t, D) rotated
+            yield pos, self.cache.tables.unrotate(k.transpose(0, 1), pos).reshape(k.shape[1], -1)
+
+    def device_bytes(self) -> int:
+        held = [self.dense_k, self.dense_v] + ([self.all_k] if self.all_k is not None else [])
+        return (self.lowrank.device_bytes() + self.index.device_bytes() + self.buffer.device_bytes()
+                + sum(t.numel() * t.element_size() for t in held))
