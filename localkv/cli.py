@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
+from pathlib import Path
 
 from .errors import UserError
 
@@ -65,6 +66,46 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="describe a model: architecture, parameters, context, template")
     _add_model_options(info)
     info.set_defaults(func=cmd_info)
+
+    bench = sub.add_parser("bench", help="decode and prefill speed per context and policy, against the floor")
+    _add_model_options(bench)
+    bench.add_argument("--shape", default=None, help="a named architecture with random weights instead of MODEL: "
+                       "llama3-8b, llama3.2-1b, smollm2-135m")
+    bench.add_argument("--ctx", default="2K", help="contexts, comma-separated: 32K,128K,1M (default 2K)")
+    bench.add_argument("--policy", default="exact", help="policies, comma-separated (default: exact)")
+    bench.add_argument("--budget", default=None, help="budget= of the sparse policies, comma-separated: 2048, 1/16")
+    bench.add_argument("--gpu-mem", default=None, help="KV budget on the GPU, e.g. 4GB (default: what is free)")
+    bench.add_argument("--cpu-mem", default=None, help="KV budget in pinned CPU memory, e.g. 16GB")
+    bench.add_argument("--gpu-cap", default=None, help="cap this process's GPU memory, e.g. 24GB (a gaming card)")
+    bench.add_argument("--disk", default=None, metavar="DIR", help="directory for the disk tier (its read speed "
+                       "is measured too)")
+    bench.add_argument("--peer", default=None, help="add a peer's rows: hf (transformers, full and offloaded cache)")
+    bench.add_argument("--synthetic-kv", action="store_true", help="write random KV into the tiers instead of "
+                       "a real prefill (prefill speed is then not measured)")
+    bench.add_argument("--steps", type=int, default=32, help="decode steps measured (default 32)")
+    bench.add_argument("--warmup", type=int, default=3, help="decode steps run before measuring (default 3)")
+    bench.add_argument("--prefill-chunk", type=int, default=None, help="prefill chunk in tokens (default 4096 "
+                       "on a GPU, 512 on a CPU)")
+    bench.add_argument("--json", default=None, metavar="PATH", help="result file (default: next to --plot, or "
+                       "bench-results/bench-DATE.json)")
+    bench.add_argument("--plot", default=None, metavar="PATH", help="PNG of ms/token against context (default: "
+                       "next to the JSON)")
+    bench.add_argument("--device", default=None, help="cuda, cpu, ... (default: the GPU if there is one)")
+    bench.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: bf16 on GPU, fp32 on CPU)")
+    bench.set_defaults(func=cmd_bench)
+
+    ev = sub.add_parser("eval", help="fidelity of sparse policies to exact attention, on text you give")
+    _add_model_options(ev)
+    ev.add_argument("--text", nargs="+", required=True, metavar="FILE", help="text files, read in order as one text")
+    ev.add_argument("--ctx", default="4K", help="contexts, comma-separated: 4K,8K (default 4K)")
+    ev.add_argument("--continuation", type=int, default=128, help="tokens scored after each context (default 128)")
+    ev.add_argument("--policy", default=None, help="policies, comma-separated (default: every sparse one)")
+    ev.add_argument("--budget", default="1/32,1/16,1/8", help="budget= of the sparse policies, comma-separated: "
+                    "tokens (2048) or shares of the context (1/16); default 1/32,1/16,1/8")
+    ev.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON")
+    ev.add_argument("--device", default=None, help="cuda, cpu, ... (default: the GPU if there is one)")
+    ev.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: bf16 on GPU, fp32 on CPU)")
+    ev.set_defaults(func=cmd_eval)
     return parser
 
 
@@ -160,9 +201,94 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _split(text: str | None) -> list[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def _result_paths(json_path: str | None, plot_path: str | None) -> tuple[Path, Path]:
+    import time
+
+    if json_path is None and plot_path is None:
+        json_path = f"bench-results/bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    json_file = Path(json_path).expanduser() if json_path else Path(plot_path).expanduser().with_suffix(".json")
+    plot_file = Path(plot_path).expanduser() if plot_path else json_file.with_suffix(".png")
+    for path in {json_file.parent, plot_file.parent}:
+        _check_results_dir(path)
+    return json_file, plot_file
+
+
+def _check_results_dir(path: Path) -> None:
+    """Fail before a run, not after it, when its results cannot be written."""
+    from .offload.disk import check_writable
+
+    try:
+        check_writable(path)
+    except UserError:
+        raise UserError(f"cannot write results under {path}: not a writable directory") from None
+
+
+def cmd_bench(args) -> int:
+    from .bench import BenchConfig, plot_result, run_bench, table, write_json
+    from .units import parse_budget, parse_bytes, parse_tokens
+
+    if args.model and args.shape:
+        raise UserError("give a MODEL or a --shape, not both")
+    size = lambda text: parse_bytes(text) if text else None  # noqa: E731
+    config = BenchConfig(
+        ctxs=[parse_tokens(c) for c in _split(args.ctx)], policies=_split(args.policy), model=args.model,
+        shape=args.shape, budgets=[(b, parse_budget(b)) for b in _split(args.budget)],
+        gpu_mem=size(args.gpu_mem), cpu_mem=size(args.cpu_mem), gpu_cap=size(args.gpu_cap),
+        disk=Path(args.disk).expanduser() if args.disk else None, peers=_split(args.peer),
+        synthetic_kv=args.synthetic_kv, steps=args.steps, warmup=args.warmup, prefill_chunk=args.prefill_chunk,
+        device=args.device, dtype=args.dtype)
+    if not config.ctxs or not config.policies:
+        raise UserError("--ctx and --policy need at least one value each")
+    json_file, plot_file = _result_paths(args.json, args.plot)
+    command = "localkv " + " ".join(args.argv)
+
+    def save(result: dict) -> None:  # after every row: a long run interrupted keeps what it measured
+        result["meta"]["command"] = command
+        write_json(result, json_file)
+
+    result = run_bench(config, progress=lambda line: print(line, file=sys.stderr, flush=True), checkpoint=save)
+    save(result)
+    plot_result(result, plot_file)
+    print(f"wrote {json_file} and {plot_file}", file=sys.stderr)
+    print(table(result))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from . import api
+    from .eval import fidelity, fidelity_table, read_texts, sparse_policies
+    from .units import parse_budget, parse_tokens
+
+    text = read_texts(args.text)
+    ctxs = [parse_tokens(c) for c in _split(args.ctx)]
+    if not ctxs or args.continuation <= 0:
+        raise UserError("--ctx needs a value and --continuation must be positive")
+    policies = _split(args.policy) or sparse_policies()
+    budgets = [(b, parse_budget(b)) for b in _split(args.budget)]
+    out = Path(args.json).expanduser() if args.json else None
+    if out is not None:
+        _check_results_dir(out.parent)
+    llm = api.load(args.model, ctx=max(ctxs) + args.continuation + 1, device=args.device, dtype=args.dtype)
+    ids = llm.engine.encode_raw(text)
+    rows = fidelity(llm, ids, ctxs, args.continuation, policies, budgets,
+                    progress=lambda line: print(line, file=sys.stderr, flush=True))
+    if out is not None:
+        import json
+
+        result = {"model": llm.loaded.source.name, "text": args.text, "rows": rows}
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    print(fidelity_table(rows))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

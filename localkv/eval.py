@@ -1,12 +1,39 @@
-"""Fidelity measurement: logits of a continuation decoded one token at a time under the loaded policy.
+"""Fidelity measurement: how closely a sparse policy's next-token distributions follow exact attention.
 
-Sparse policies are judged by how closely their next-token distributions follow exact attention on the same
-text (KL divergence, top-1 agreement); ``decode_logits`` is the core every such comparison uses.
+``decode_logits`` is the core every comparison uses: logits of a continuation decoded one token at a time under
+the loaded policy. ``fidelity`` runs it under the exact policy and under each sparse policy × budget on the same
+text, and reports per context:
+
+    KL(exact ‖ policy)   mean over the continuation's positions of sum_v p_exact(v) (log p_exact(v) - log p_policy(v))
+    top-1 agreement      share of positions where both pick the same most likely token
+    attention recall     share of the exact softmax mass that the policy's selection covered (from the policy's
+                         ``stats()["attention_recall"]``, measured when the cache is made with ``measure_recall=True``)
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Callable
+
 import torch
+
+from .errors import UserError
+from .units import format_tokens
+
+
+def _teacher_forced(engine, context_ids: list[int], continuation_ids: list[int]) -> tuple[torch.Tensor, dict]:
+    if not context_ids:
+        raise ValueError("decode_logits needs at least one context token")
+    seq = engine.new_sequence()
+    engine.check_fits(seq, list(context_ids) + list(continuation_ids))
+    chunk = engine.prefill_chunk
+    logits = None
+    for i in range(0, len(context_ids), chunk):
+        logits = engine.prefill(seq, list(context_ids[i:i + chunk]))
+    rows = [logits]
+    for token in continuation_ids[:-1]:
+        rows.append(engine.decode_one(seq, int(token)))
+    return torch.stack(rows[:len(continuation_ids)]).float(), seq.cache.stats()
 
 
 @torch.inference_mode()
@@ -24,16 +51,107 @@ def decode_logits(llm, context_ids: list[int], continuation_ids: list[int]) -> t
     Returns:
         (M, vocab) fp32 logits, M = len(continuation_ids).
     """
-    if not context_ids:
-        raise ValueError("decode_logits needs at least one context token")
-    engine = llm.engine
-    seq = engine.new_sequence()
-    engine.check_fits(seq, list(context_ids) + list(continuation_ids))
-    chunk = engine.prefill_chunk
-    logits = None
-    for i in range(0, len(context_ids), chunk):
-        logits = engine.prefill(seq, list(context_ids[i:i + chunk]))
-    rows = [logits]
-    for token in continuation_ids[:-1]:
-        rows.append(engine.decode_one(seq, int(token)))
-    return torch.stack(rows[:len(continuation_ids)]).float()
+    return _teacher_forced(llm.engine, context_ids, continuation_ids)[0]
+
+
+def read_texts(paths: list[str | Path]) -> str:
+    """The files' text, in order, separated by blank lines; UserError for a file that is missing or not UTF-8."""
+    texts = []
+    for name in paths:
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise UserError(f"--text {name}: no such file")
+        try:
+            texts.append(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"--text {name}: cannot read it as UTF-8 text ({e})") from None
+    return "\n\n".join(texts)
+
+
+def sparse_policies() -> list[str]:
+    """Every registered policy but exact (or just exact while it is the only one)."""
+    from .offload.policies import POLICIES
+
+    return [p for p in POLICIES if p != "exact"] or ["exact"]
+
+
+def _engine(llm, policy: str, ctx_tokens: int, options: dict):
+    from .runtime import Engine
+
+    base = llm.engine
+    return Engine(llm.loaded, ctx_tokens=ctx_tokens, policy=policy, prefill_chunk=base.prefill_chunk,
+                  budgets=base.budgets, kv_dtype=base.kv_dtype, **options)
+
+
+def _compare(ref: torch.Tensor, logits: torch.Tensor) -> tuple[float, float]:
+    """(mean KL(ref ‖ logits), top-1 agreement) of (M, vocab) logits, row by row."""
+    log_p = torch.log_softmax(ref.double(), dim=-1)
+    log_q = torch.log_softmax(logits.double(), dim=-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # (M,)
+    agree = (ref.argmax(-1) == logits.argmax(-1)).double()
+    return float(kl.mean()), float(agree.mean())
+
+
+@torch.inference_mode()
+def fidelity(llm, text_ids: list[int], ctxs: list[int], continuation: int, policies: list[str],
+             budgets: list[tuple[str, int | float]] = (), progress: Callable[[str], None] | None = None
+             ) -> list[dict]:
+    """Fidelity of each policy × budget to exact attention, at each context, on one text.
+
+    For each ``ctx`` the first ``ctx`` tokens of ``text_ids`` are the context and the next ``continuation``
+    tokens are fed teacher-forced, once under the exact policy and once per policy × budget.
+
+    Args:
+        llm: a ``localkv.LLM`` (its weights, dtype, device, prefill chunk and tier budgets are reused).
+        text_ids: the text as token ids; at least ``max(ctxs) + continuation`` of them.
+        ctxs: context sizes in tokens.
+        continuation: tokens scored after each context.
+        policies: policy names; ``exact`` gives one row (its check against itself), the others one per budget.
+        budgets: (label, value) pairs passed as the ``budget=`` option (tokens as int, share of the context as
+            float); empty: each policy's own default.
+        progress: called with a line before each run.
+
+    Returns:
+        One dict per row: ``ctx``, ``policy``, ``budget`` (the label, None for exact or a default),
+        ``kl``, ``top1``, ``attention_recall`` (1.0 for exact, None when the policy does not report it).
+    """
+    from .offload.policies import POLICIES
+
+    need = max(ctxs) + continuation
+    if len(text_ids) < need:
+        raise UserError(f"the text is {len(text_ids):,} tokens, shorter than the largest context plus the "
+                        f"continuation ({format_tokens(max(ctxs))} + {continuation} = {need:,} tokens); "
+                        f"give more or longer --text files, or lower --ctx")
+    for policy in policies:
+        if policy not in POLICIES:
+            raise UserError(f"unknown policy {policy!r} (available: {', '.join(POLICIES)})")
+    say = progress or (lambda _: None)
+    rows = []
+    for ctx in ctxs:
+        context, cont = list(text_ids[:ctx]), list(text_ids[ctx:ctx + continuation])
+        say(f"exact (the reference) at {ctx:,} tokens")
+        ref, _ = _teacher_forced(_engine(llm, "exact", ctx + continuation + 1, {}), context, cont)
+        for policy in policies:
+            runs = [(None, None)] if policy == "exact" or not budgets else budgets
+            for label, budget in runs:
+                options = {} if policy == "exact" else {"measure_recall": True}
+                if budget is not None:
+                    options["budget"] = budget
+                say(f"{policy}{f' budget={label}' if label else ''} at {ctx:,} tokens")
+                logits, stats = _teacher_forced(_engine(llm, policy, ctx + continuation + 1, options), context, cont)
+                kl, top1 = _compare(ref, logits)
+                recall = 1.0 if policy == "exact" else stats.get("attention_recall")
+                rows.append({"ctx": ctx, "policy": policy, "budget": label, "kl": kl, "top1": top1,
+                             "attention_recall": None if recall is None else float(recall)})
+    return rows
+
+
+def fidelity_table(rows: list[dict]) -> str:
+    """``fidelity``'s rows as the table ``localkv eval`` prints."""
+    lines = [f"{'ctx':<6}  {'policy':<12}  {'budget':<8}  {'KL(exact||policy)':>17}  {'top-1':>6}  "
+             f"{'attention recall':>16}"]
+    for r in rows:
+        recall = "n/a" if r["attention_recall"] is None else f"{r['attention_recall']:.3f}"
+        lines.append(f"{format_tokens(r['ctx']):<6}  {r['policy']:<12}  {r['budget'] or '-':<8}  {r['kl']:>17.2e}  "
+                     f"{r['top1']:>6.3f}  {recall:>16}")
+    return "\n".join(lines)

@@ -59,3 +59,22 @@ def format_tokens(n: int) -> str:
     if n >= 1024 and n % 1024 == 0:
         return f"{n // 1024}K"
     return f"{n:,}"
+
+
+def parse_budget(text: str | int | float) -> int | float:
+    """A sparse policy's budget: ``"2048"`` or ``"2K"`` tokens (an int), or ``"1/16"``, ``"0.05"`` of the context
+    (a float in (0, 1])."""
+    s = str(text).strip()
+    try:
+        if "/" in s:
+            num, den = s.split("/")
+            value = float(num) / float(den)
+        elif "." in s:
+            value = float(s)
+        else:
+            return parse_tokens(s)
+    except (ValueError, ZeroDivisionError, UserError):
+        raise UserError(f"cannot read {text!r} as a budget (examples: 2048, 2K, 1/16, 0.05)") from None
+    if not 0 < value <= 1:
+        raise UserError(f"a budget given as a share of the context must be in (0, 1], got {text!r}")
+    return value

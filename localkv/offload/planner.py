@@ -22,7 +22,7 @@ from ..errors import ContextOverflowError
 from ..models.args import ModelArgs
 from ..units import format_bytes, format_tokens
 
-GPU_HEADROOM_BYTES = 1536 * 2**20  # activations, attention workspace, the staging ring, the allocator's slack
+GPU_HEADROOM_BYTES = 3 * 2**30  # activations, attention workspace, the staging ring, the allocator's slack
 RAM_SHARE = 0.6                    # of available RAM the CPU tier may take by default
 DISK_SHARE = 0.9                   # of free disk the disk tier may take by default
 
@@ -83,8 +83,10 @@ class Plan:
             rows.append(f"{name:<8} {tier.tokens:>12,} {format_bytes(tier.bytes):>12} {format_bytes(tier.budget):>12}")
         if self.disk_dir:
             rows.append(f"disk tier under {self.disk_dir}")
-        rows += ["", f"expected decode at full context: ~{self.ms_per_token:,.0f} ms/token (exact policy: weights "
-                 f"once from GPU memory, offloaded KV once over PCIe / from disk)"]
+        how = ("shadowkv: weights once from GPU memory, the landmarks scored, the selected chunks' values over "
+               "PCIe" if self.policy == "shadowkv" else
+               "exact policy: weights once from GPU memory, offloaded KV once over PCIe / from disk")
+        rows += ["", f"expected decode at full context: ~{self.ms_per_token:,.0f} ms/token ({how})"]
         rows += [f"note: {n}" for n in self.notes]
         return "\n".join(rows)
 
@@ -137,6 +139,16 @@ def make_plan(args: ModelArgs, ctx_tokens: int, *, model: str = "model", policy:
     disk_budget = 0
     if disk_dir is not None:
         disk_budget = disk_mem if disk_mem is not None else machine_budgets(device, weights, disk_dir)[2]
+    index_bytes = 0
+    if policy == "shadowkv":  # its index (low-rank keys, landmarks) lives on the GPU before any page does
+        from .policies.shadowkv import plan_bytes
+
+        index_bytes, step_bytes = plan_bytes(args, ctx_tokens, elt)
+        if index_bytes > gpu_budget:
+            raise ContextOverflowError(
+                f"the shadowkv index of a {format_tokens(ctx_tokens)}-token context needs "
+                f"{format_bytes(index_bytes)} of GPU memory, more than the {format_bytes(gpu_budget)} there is")
+        gpu_budget -= index_bytes
 
     plan = Plan(model=model, ctx_tokens=ctx_tokens, policy=policy, kv_dtype=str(kv_dtype).removeprefix("torch."),
                 kv_bytes_per_token=per_token, weights_bytes=weights, device=str(device),
@@ -158,6 +170,12 @@ def make_plan(args: ModelArgs, ctx_tokens: int, *, model: str = "model", policy:
     plan.tiered = plan.gpu.tokens < ctx_tokens or gpu_mem is not None or cpu_mem is not None or disk is not None
     offload_s = plan.cpu.bytes / bw.h2d + plan.disk.bytes / bw.disk if device.type == "cuda" else plan.disk.bytes / bw.disk
     plan.ms_per_token = 1e3 * (weights / bw.hbm + plan.gpu.bytes / bw.hbm + offload_s)
+    if policy == "shadowkv":
+        link = bw.h2d if plan.gpu.tokens < ctx_tokens and device.type == "cuda" else bw.hbm
+        plan.ms_per_token = 1e3 * (weights / bw.hbm + index_bytes / 8 / bw.hbm + step_bytes / link)
+        plan.notes.append(f"shadowkv keeps {format_bytes(index_bytes)} of index on the GPU (low-rank keys, "
+                          f"landmarks) and reads {format_bytes(step_bytes)} of values a step at full context "
+                          f"(fewer with chunks reused from the step before)")
     if ctx_tokens > args.max_seq_len:
         plan.notes.append(f"the model was trained on {args.max_seq_len:,} tokens; past that its answers may degrade")
     return plan
