@@ -21,7 +21,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ctx", default="8K", help="context size in tokens: 8192, 8K, 128K, 1M (default 8K)")
-    p.add_argument("--policy", default="exact", help="KV policy (default: exact)")
+    p.add_argument("--policy", default="exact", help="KV policy: exact or shadowkv (default: exact)")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: the GPU if there is one)")
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--gpu-mem", default=None, help="KV budget on the GPU, e.g. 4GB (default: what is free)")
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--shape", default=None, help="a named architecture with random weights instead of MODEL: "
                        "llama3-8b, llama3.2-1b, smollm2-135m")
     bench.add_argument("--ctx", default="2K", help="contexts, comma-separated: 32K,128K,1M (default 2K)")
-    bench.add_argument("--policy", default="exact", help="policies, comma-separated (default: exact)")
+    bench.add_argument("--policy", default="exact", help="policies, comma-separated: exact,shadowkv (default: exact)")
     bench.add_argument("--budget", default=None, help="budget= of the sparse policies, comma-separated: 2048, 1/16")
     bench.add_argument("--gpu-mem", default=None, help="KV budget on the GPU, e.g. 4GB (default: what is free)")
     bench.add_argument("--cpu-mem", default=None, help="KV budget in pinned CPU memory, e.g. 16GB")

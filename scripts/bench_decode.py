@@ -4,8 +4,9 @@
 
 One run measures the HBM copy bandwidth, then ms/token of: localkv's eager decode step, the same step through
 CUDA graphs (what `localkv run` uses when the KV fits on the GPU), and Hugging Face transformers' eager decode
-with its full DynamicCache. The floor is the weights streamed once (bytes / HBM copy bandwidth) plus the KV
-read once. JSON goes to $OUT/bench_decode.json (default ./.out); the table is printed last.
+with its full DynamicCache (its context grows by a token a step). The floor is the weights streamed once
+(bytes / HBM copy bandwidth) plus the KV read once. JSON goes to $OUT/bench_decode.json (default ./.out);
+the table is printed last.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from bench_store import LLAMA31_8B, build_model, gpu_time, synth_fill  # noqa: E402
-
-from localkv.models.args import ModelArgs  # noqa: E402
-from localkv.offload import make_cache  # noqa: E402
-from localkv.runtime.graphs import DecodeGraphs  # noqa: E402
+from localkv.bench.ceilings import copy_rate
+from localkv.bench.model import random_model
+from localkv.bench.peer_hf import hf_decode_times, hf_fill, hf_model
+from localkv.bench.shapes import shape_args
+from localkv.bench.synthetic import synth_fill
+from localkv.offload import make_cache
+from localkv.runtime.graphs import DecodeGraphs
 
 
 def timed_steps(step, cache, steps: int, warmup: int = 3) -> list[float]:
@@ -42,37 +44,12 @@ def timed_steps(step, cache, steps: int, warmup: int = 3) -> list[float]:
 
 
 @torch.inference_mode()
-def hf_eager_ms(model, n_tokens: int, steps: int) -> float | None:
-    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
-
-    a = model.args
-    cfg = LlamaConfig(hidden_size=a.dim, num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads,
-                      num_key_value_heads=a.n_kv_heads, intermediate_size=a.ffn_dim, vocab_size=a.vocab_size,
-                      rms_norm_eps=a.norm_eps, max_position_embeddings=a.max_seq_len, rope_theta=a.rope_theta,
-                      rope_scaling=a.rope_scaling, torch_dtype="bfloat16")
-    cfg._attn_implementation = "sdpa"
-    with torch.device("meta"):
-        hf = LlamaForCausalLM(cfg)
-    state = {("model." + k if not k.startswith("lm_head") else k): v for k, v in model.state_dict().items()}
-    hf.load_state_dict(state, assign=True, strict=False)
-    hf.model.rotary_emb = type(hf.model.rotary_emb)(cfg, device="cuda")
-    hf.eval()
-    cache = DynamicCache(config=cfg)
-    for layer in range(a.n_layers):
-        k = torch.randn(1, a.n_kv_heads, n_tokens, a.head_dim, device="cuda", dtype=torch.bfloat16)
-        cache.layers[layer].update(k, torch.randn_like(k))
-    tok = torch.tensor([[1]], device="cuda")
-    times = []
-    for i in range(3 + steps):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        hf(tok, past_key_values=cache, use_cache=True)
-        torch.cuda.synchronize()
-        if i >= 3:
-            times.append(1e3 * (time.perf_counter() - t))
-        for lay in cache.layers:
-            lay.keys, lay.values = lay.keys[..., :n_tokens, :], lay.values[..., :n_tokens, :]
-    return statistics.median(times)
+def hf_eager_ms(model, n_tokens: int, steps: int) -> float:
+    """transformers' eager decode on the same weights, full DynamicCache of ``n_tokens`` on the GPU."""
+    hf = hf_model(model)
+    cache, _ = hf_fill(hf, n_tokens, offloaded=False, synthetic=True, chunk=8192)
+    hf_decode_times(hf, cache, 3)
+    return 1e3 * statistics.median(hf_decode_times(hf, cache, steps))
 
 
 def main() -> int:
@@ -83,23 +60,21 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench_decode: needs a CUDA GPU", file=sys.stderr)
         return 2
-    x = torch.empty(2 * 2**30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    hbm = 2 * x.numel() / gpu_time(lambda: y.copy_(x)) / 1e9
-    del x, y
-    args = ModelArgs(**LLAMA31_8B)
-    model = build_model(args)
+    hbm = copy_rate(2 * 2**30, "cuda") / 1e9
+    args = shape_args("llama3-8b")
+    model = random_model(args, "cuda", torch.bfloat16)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     kv_bytes = a.ctx * args.n_layers * 2 * args.n_kv_heads * args.head_dim * 2
     floor = 1e3 * (weights + kv_bytes) / (hbm * 1e9)
     cache = make_cache("exact", args, 2 * a.ctx)
     with torch.inference_mode():
-        synth_fill(cache, model, a.ctx)
+        synth_fill(cache, args, a.ctx, device="cuda", dtype=torch.bfloat16)
         tok = torch.tensor([1], device="cuda")
         eager = timed_steps(lambda: model(tok, cache, decode=True), cache, a.steps)
         graphs = DecodeGraphs(model, cache)
         graphed = timed_steps(lambda: graphs(1), cache, a.steps)
-    del cache
+    captures = graphs.captures
+    cache = graphs = None  # free the KV before transformers fills its own
     torch.cuda.empty_cache()
     try:
         hf = hf_eager_ms(model, a.ctx, min(a.steps, 16))
@@ -111,7 +86,7 @@ def main() -> int:
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "ctx": a.ctx,
               "hbm_copy_GBps": hbm, "weights_GB": weights / 1e9, "kv_GB": kv_bytes / 1e9, "floor_ms": floor,
               "eager_ms": med(eager), "eager_p90_ms": p90(eager), "graphs_ms": med(graphed),
-              "graphs_p90_ms": p90(graphed), "hf_eager_ms": hf, "graph_captures": graphs.captures}
+              "graphs_p90_ms": p90(graphed), "hf_eager_ms": hf, "graph_captures": captures}
     out = os.environ.get("OUT") or "./.out"
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "bench_decode.json"), "w") as f:

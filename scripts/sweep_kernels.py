@@ -20,39 +20,40 @@ copy2 = torch.empty_like(copy)
 hbm = 2 * copy.numel() / do_bench(lambda: copy2.copy_(copy), return_mode="median") / 1e6
 del copy, copy2
 print(f"HBM copy {hbm:.0f} GB/s")
-orig = sa._sparse_attention_tuned
-for Tq in (1, 8):
-    q = torch.randn(Tq, HKV * G, D, dtype=DT, device="cuda")
-    best = None
-    for split in (512, 1024, 2048, 4096, 8192, 16384):
-        f = lambda: sparse_attention(q, kd, vd, kc, vc, idx, split_tokens=split)  # noqa: E731
-        f()
-        ms = do_bench(f, return_mode="median")
-        msg = do_bench_cudagraph(f, return_mode="median")
-        print(f"Tq={Tq} split={split}: {ms * 1e3:.0f} us ({nbytes / ms / 1e6 / hbm:.0%}), graph {msg * 1e3:.0f} us "
-              f"({nbytes / msg / 1e6 / hbm:.0%}) cfg {orig.best_config}", flush=True)
-        best = min(best or (9e9, 0), (msg, split))
-    split = best[1]
-    res = []
-    for bn in (32, 64, 128):
-        for w in (2, 4, 8):
-            for st in (2, 3, 4, 5):
-                sa._sparse_attention_tuned = triton.autotune(
-                    [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st)],
-                    key=["BLOCK_M", "BLOCK_D", "CHUNK", "CAUSAL", "HAS_LEN"])(sa._sparse_attention_kernel)
-                f = lambda: sparse_attention(q, kd, vd, kc, vc, idx, split_tokens=split)  # noqa: E731
-                try:
-                    f()
-                    ms = do_bench_cudagraph(f, return_mode="median")
-                except Exception as e:
-                    print(bn, w, st, "failed", str(e)[:80])
-                    continue
-                res.append((ms, bn, w, st))
-    sa._sparse_attention_tuned = orig
-    res.sort()
-    for ms, bn, w, st in res[:6]:
-        print(f"Tq={Tq} split={split} BLOCK_N={bn} warps={w} stages={st}: {ms * 1e3:.0f} us "
-              f"({nbytes / ms / 1e6 / hbm:.0%})", flush=True)
+if "--scores-only" not in sys.argv:
+    orig = sa._sparse_attention_tuned
+    for Tq in (1, 8):
+        q = torch.randn(Tq, HKV * G, D, dtype=DT, device="cuda")
+        best = None
+        for split in (512, 1024, 2048, 4096, 8192, 16384):
+            f = lambda: sparse_attention(q, kd, vd, kc, vc, idx, split_tokens=split)  # noqa: E731
+            f()
+            ms = do_bench(f, return_mode="median")
+            msg = do_bench_cudagraph(f, return_mode="median")
+            print(f"Tq={Tq} split={split}: {ms * 1e3:.0f} us ({nbytes / ms / 1e6 / hbm:.0%}), graph {msg * 1e3:.0f} us "
+                  f"({nbytes / msg / 1e6 / hbm:.0%}) cfg {orig.best_config}", flush=True)
+            best = min(best or (9e9, 0), (msg, split))
+        split = best[1]
+        res = []
+        for bn in (32, 64, 128):
+            for w in (2, 4, 8):
+                for st in (2, 3, 4, 5):
+                    sa._sparse_attention_tuned = triton.autotune(
+                        [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st)],
+                        key=["BLOCK_M", "BLOCK_D", "CHUNK", "CAUSAL", "HAS_LEN"])(sa._sparse_attention_kernel)
+                    f = lambda: sparse_attention(q, kd, vd, kc, vc, idx, split_tokens=split)  # noqa: E731
+                    try:
+                        f()
+                        ms = do_bench_cudagraph(f, return_mode="median")
+                    except Exception as e:
+                        print(bn, w, st, "failed", str(e)[:80])
+                        continue
+                    res.append((ms, bn, w, st))
+        sa._sparse_attention_tuned = orig
+        res.sort()
+        for ms, bn, w, st in res[:6]:
+            print(f"Tq={Tq} split={split} BLOCK_N={bn} warps={w} stages={st}: {ms * 1e3:.0f} us "
+                  f"({nbytes / ms / 1e6 / hbm:.0%})", flush=True)
 
 # Dense-only decode attention at 8K rows through dense_len (the graphed decode step's attention)
 q = torch.randn(1, HKV * G, D, dtype=DT, device="cuda")
@@ -73,18 +74,16 @@ for C in (16384, 131072):
         print(f"chunk_scores {mode} C={C}: {ms * 1e3:.0f} us ({b / ms / 1e6 / hbm:.0%}), "
               f"graph {msg * 1e3:.0f} us ({b / msg / 1e6 / hbm:.0%})", flush=True)
 
-# The two passes of landmark scoring on their own (graphed, L2 cold through 8 rotating sets).
-from localkv.kernels import chunk_scores as _cs  # noqa: E402
-
+# The two passes of landmark scoring on their own (graphed, L2 cold through 8 rotating sets), per pass-1 tile.
 cs = sys.modules["localkv.kernels.chunk_scores"]
 C = 16384
 sets = [torch.randn(HKV, C, D, dtype=DT, device="cuda") for _ in range(8)]
-for a in sets:
-    chunk_scores(q, a)
-torch.cuda.synchronize()
 
 
 def graphed(calls):
+    for c in calls:
+        c()
+    torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         for c in calls:
@@ -97,15 +96,18 @@ def graphed(calls):
     return sorted(ts)[10] * 1e3
 
 
-print(f"landmark both passes: {graphed([lambda a=a: chunk_scores(q, a) for a in sets]):.1f} us")
-orig_finish = cs._chunk_scores_finish_kernel
-
-
 class _Skip:
     def __getitem__(self, grid):
         return lambda *a, **k: None
 
 
-cs._chunk_scores_finish_kernel = _Skip()
-print(f"landmark pass 1 only: {graphed([lambda a=a: chunk_scores(q, a) for a in sets]):.1f} us")
-cs._chunk_scores_finish_kernel = orig_finish
+orig_finish = cs._chunk_scores_finish_kernel
+for bc in (64, 128, 256):
+    for w in (2, 4, 8):
+        cs.TILE.update(landmark_chunks=bc, warps=w)
+        both = graphed([lambda a=a: chunk_scores(q, a) for a in sets])
+        cs._chunk_scores_finish_kernel = _Skip()
+        one = graphed([lambda a=a: chunk_scores(q, a) for a in sets])
+        cs._chunk_scores_finish_kernel = orig_finish
+        print(f"landmark C={C} BLOCK_C={bc} warps={w}: both passes {both:.1f} us ({34e6 / both / 1e3 / hbm:.0%}), "
+              f"pass 1 {one:.1f} us", flush=True)

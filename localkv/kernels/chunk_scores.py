@@ -22,6 +22,12 @@ import torch
 from ._common import KERNEL_CALLS, _dot, check, dot_flags, interpreting, n_sms, next_pow2, tl, triton, use_triton
 
 
+TILE = {"landmark_chunks": 128, "warps": 8}
+"""Pass-1 tile: chunks per program for landmark scoring with few query rows, and warps. Swept on an H100
+(scripts/sweep_kernels.py --scores-only, 16K chunks): 64-256 chunks x 2-8 warps all land at 22-26 us for both
+passes, pass 1 alone 17-22 us for 32 MB. What remains is per-launch cost, paid twice."""
+
+
 @triton.jit
 def _chunk_scores_kernel(
     q_ptr, stride_qt, stride_qh,            # q (Tq, Hq, D): elements between tokens / heads; D contiguous
@@ -168,7 +174,7 @@ def chunk_scores(q, landmarks=None, *, kmin=None, kmax=None, sm_scale: float | N
     BLOCK_M = G_PAD * TQ_PAD
     check(BLOCK_M <= 256, f"G*Tq padded = {BLOCK_M} query rows per group: at most 256")
     # GPU tiles: landmark (BLOCK_M, 128) unless many rows; min/max reads two abstracts, so half as many chunks
-    BLOCK_C = 32 if interpreting() else (128 if BLOCK_M <= 32 and not minmax else 64)
+    BLOCK_C = 32 if interpreting() else (TILE["landmark_chunks"] if BLOCK_M <= 32 and not minmax else 64)
     n_blk = -(-C // BLOCK_C)
     a, b = (kmin, kmax) if minmax else (landmarks, landmarks)
     if minmax:   # scratch is unused: pass `out` in its place
@@ -185,7 +191,7 @@ def chunk_scores(q, landmarks=None, *, kmin=None, kmax=None, sm_scale: float | N
         bmax, bsum, bmax.stride(0), bmax.stride(1),
         Tq, C, D, scale * 1.4426950408889634,
         G=G, G_PAD=G_PAD, TQ_PAD=TQ_PAD, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, BLOCK_D=max(16, next_pow2(D)), MINMAX=minmax,
-        **dot_flags(q.dtype), num_warps=4 if BLOCK_M <= 64 else 8,
+        **dot_flags(q.dtype), num_warps=TILE["warps"] if BLOCK_M <= 64 else 8,
     )
     if not minmax:
         # Each pass-2 program re-reads every block's stats to form its rows' LSE, then scores `span` chunks a

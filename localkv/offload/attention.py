@@ -95,7 +95,7 @@ def _fused_lse(qh, kh, vh, causal: bool, scale: float):
                                                                   scale=scale)[:2]
 
 
-_CUDNN = {"ok": None}  # whether cuDNN attention ran here (None: not tried yet)
+_CUDNN: dict[tuple, bool] = {}  # (head dim, dtype, causal) -> whether cuDNN attention runs that case here
 
 
 def _gpu_lse(qh, kh, vh, causal: bool, scale: float):
@@ -107,16 +107,17 @@ def _gpu_lse(qh, kh, vh, causal: bool, scale: float):
     keys visible) or with the KV heads repeated (causal: a mask needs a head per query)."""
     _, Hq, T, D = qh.shape
     Hkv = kh.shape[1]
-    if _CUDNN["ok"] is not False:
+    case = (D, qh.dtype, causal)
+    if _CUDNN.get(case) is not False:
         try:
             out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
                 qh, kh, vh, None, True, 0.0, causal, False, scale=scale)[:2]
-            _CUDNN["ok"] = True
+            _CUDNN[case] = True
             return out, lse.reshape(1, Hq, T)
         except RuntimeError:
-            if _CUDNN["ok"]:  # it ran before: this is a real error, not a missing backend
+            if _CUDNN.get(case):  # it ran before: this is a real error, not a missing backend
                 raise
-            _CUDNN["ok"] = False
+            _CUDNN[case] = False
     G = Hq // Hkv
     if causal and G > 1:
         kh, vh = kh.repeat_interleave(G, dim=1), vh.repeat_interleave(G, dim=1)

@@ -127,6 +127,20 @@ class RopeTable:
         return (k * c - rotate_half(k) * s) / self.rope.attention_factor ** 2
 
 
+def plan_bytes(args: ModelArgs, ctx_tokens: int, elt: int) -> tuple[int, int]:
+    """(device bytes of the index, value bytes a decode step fetches) at ``ctx_tokens`` under the default
+    options, for the planner: U rows and landmarks of every layer; the selected chunks' values."""
+    from .selection import budget_chunks
+    from .shadowkv_lowrank import default_rank
+
+    cfg = ShadowKVConfig()
+    cols = args.n_kv_heads * args.head_dim
+    per_token = default_rank(args.n_kv_heads, args.head_dim) + cols / cfg.chunk_tokens  # U row + landmark share
+    index = int(args.n_layers * ctx_tokens * per_token * elt)
+    step = budget_chunks(cfg.budget, ctx_tokens, cfg.chunk_tokens) * cfg.chunk_tokens * args.n_layers * cols * elt
+    return index, step
+
+
 class ShadowKV(KVCache):
     """Sparse attention over low-rank keys and fetched values, the KV in the tiered store."""
 

@@ -21,7 +21,7 @@ from typing import Iterator
 import torch
 
 from ...kernels import gather_pinned
-from ..store import CPU, DISK, GPU, KVStore
+from ..store import DISK, GPU, KVStore
 
 DEVICE_TIER, CPU_TIER, DISK_TIER = 0, 1, 2  # rows of the ``moved`` counters: chunks read from each
 

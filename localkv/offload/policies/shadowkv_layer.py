@@ -29,6 +29,8 @@ from .shadowkv_lowrank import LowRankKeys
 
 
 class ShadowKVLayer:
+    """The per-layer object attention calls (``prefill`` / ``decode``), with what truncation and sessions need."""
+
     def __init__(self, cache, layer: int):
         self.cache = weakref.proxy(cache)  # no cycle: the store goes with its cache
         self.layer = layer
@@ -129,20 +131,20 @@ class ShadowKVLayer:
         self.lowrank.provisional()
         self._rebuild(uk, uv, first)
 
-    def _rebuild(self, uk: torch.Tensor, vt: torch.Tensor, first: int) -> None:
+    def _rebuild(self, uk: torch.Tensor, uv: torch.Tensor, first: int) -> None:
         """Outliers chosen again for the sealed chunks, and the dense buffer rebuilt: [sink | outliers | recent].
-        ``uk, vt (Hkv, n - first, D)``: the rotated keys and values of tokens first.. (first <= W)."""
+        ``uk, uv (Hkv, n - first, D)``: the rotated keys and values of tokens first.. (first <= W)."""
         C, W = self.C, self.W
         n_out = outlier_count(W // C - self.index.sink_chunks, self.cfg.outlier_fraction, self.cfg.min_outliers)
         ids = self.index.choose_outliers(n_out)                # (Hkv, n_out)
-        out_k, out_v = self._outlier_kv(ids, uk, vt, first)
+        out_k, out_v = self._outlier_kv(ids, uk, uv, first)
         self.index.set_outliers(ids)
         sink = min(self.cfg.sink_tokens, W)
         parts_k = [self.dense_k[:, :min(sink, self.sink_rows)], uk[:, :max(0, sink - self.sink_rows)]]
-        parts_v = [self.dense_v[:, :min(sink, self.sink_rows)], vt[:, :max(0, sink - self.sink_rows)]]
+        parts_v = [self.dense_v[:, :min(sink, self.sink_rows)], uv[:, :max(0, sink - self.sink_rows)]]
         assert sink <= self.sink_rows or first == self.sink_rows, "the sink's new rows must start the sealed run"
         new_k = torch.cat(parts_k + [out_k, uk[:, W - first:]], dim=1)
-        new_v = torch.cat(parts_v + [out_v, vt[:, W - first:]], dim=1)
+        new_v = torch.cat(parts_v + [out_v, uv[:, W - first:]], dim=1)
         self.sink_rows, self.fixed = sink, sink + n_out * C
         self._reserve_dense(new_k.shape[1], keep=False)
         self.dense_k[:, :new_k.shape[1]] = new_k

@@ -1,0 +1,44 @@
+"""Probe (development aid): where a ShadowKV decode step of the Llama-3.1-8B shape spends its time (profiler).
+
+    python scripts/probe_shadowkv.py [--ctx 32768]
+
+Synthesizes the context into the tiers, runs a few decode steps, then profiles five: CUDA kernels launched per
+step, GPU time against wall time, and the top host-side ops.
+"""
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from localkv.bench.model import random_model
+from localkv.bench.shapes import shape_args
+from localkv.bench.synthetic import synth_fill
+from localkv.offload import make_cache
+from localkv.offload.store import Budgets
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--ctx", type=int, default=32768)
+a = ap.parse_args()
+args = shape_args("llama3-8b")
+model = random_model(args, "cuda", torch.bfloat16)
+cache = make_cache("shadowkv", args, a.ctx + 64, device="cuda", dtype=torch.bfloat16,
+                   budgets=Budgets(2 * 2**30, 64 * 2**30, None))
+with torch.inference_mode():
+    synth_fill(cache, args, a.ctx, device="cuda", dtype=torch.bfloat16)
+    tok = torch.tensor([1], device="cuda")
+    for _ in range(3):
+        model(tok, cache, decode=True)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            model(tok, cache, decode=True)
+        torch.cuda.synchronize()
+    wall = (time.perf_counter() - t) / 5
+events = prof.key_averages()
+kernels = sum(e.count for e in events if e.device_type.name == "CUDA")
+gpu_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA")
+print(f"ctx {a.ctx}: wall {1e3 * wall:.1f} ms/step, GPU busy {gpu_us / 5e3:.1f} ms/step, "
+      f"{kernels / 5:.0f} kernels/step ({kernels / 5 / args.n_layers:.0f} per layer)")
+print(events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=50))
