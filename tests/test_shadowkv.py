@@ -361,3 +361,24 @@ def test_smollm2_follows_exact_attention(smollm2_gguf):
     kl = float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
     top1 = float((ref.argmax(-1) == got.argmax(-1)).double().mean())
     assert top1 >= 0.8 and kl < 0.1, (top1, kl)
+
+
+def test_planner_counts_the_index_and_refuses_what_cannot_fit():
+    """The planner takes ShadowKV's device index off the GPU budget, and refuses a context whose index alone
+    passes it (1M tokens of an 8B model beside its weights on a 24 GB card), naming the index."""
+    from localkv.bench.shapes import shape_args
+    from localkv.errors import ContextOverflowError
+    from localkv.offload.planner import make_plan
+    from localkv.offload.policies.shadowkv import plan_bytes
+
+    args = shape_args("llama3-8b")
+    index, _ = plan_bytes(args, 128 * 1024, 2)
+    assert 3.0e9 < index < 3.8e9          # U, landmarks, chunk slots, dense part, Gram sums: 3.45 GB measured
+    plan = make_plan(args, 128 * 1024, policy="shadowkv", device="cpu", kv_dtype=torch.bfloat16,
+                     weights_bytes=0, gpu_mem=8 * 2**30, cpu_mem=64 * 2**30)
+    exact = make_plan(args, 128 * 1024, policy="exact", device="cpu", kv_dtype=torch.bfloat16,
+                      weights_bytes=0, gpu_mem=8 * 2**30, cpu_mem=64 * 2**30)
+    assert plan.gpu.budget == exact.gpu.budget - index
+    with pytest.raises(ContextOverflowError, match="shadowkv index"):
+        make_plan(args, 1 << 20, policy="shadowkv", device="cpu", kv_dtype=torch.bfloat16,
+                  weights_bytes=0, gpu_mem=8 * 2**30, cpu_mem=64 * 2**30)

@@ -136,8 +136,14 @@ def plan_bytes(args: ModelArgs, ctx_tokens: int, elt: int) -> tuple[int, int]:
     cfg = ShadowKVConfig()
     cols = args.n_kv_heads * args.head_dim
     per_token = default_rank(args.n_kv_heads, args.head_dim) + cols / cfg.chunk_tokens  # U row + landmark share
-    index = int(args.n_layers * ctx_tokens * per_token * elt)
-    step = budget_chunks(cfg.budget, ctx_tokens, cfg.chunk_tokens) * cfg.chunk_tokens * args.n_layers * cols * elt
+    selected = budget_chunks(cfg.budget, ctx_tokens, cfg.chunk_tokens) * cfg.chunk_tokens
+    outliers = max(cfg.min_outliers, cfg.outlier_fraction * ctx_tokens / cfg.chunk_tokens) * cfg.chunk_tokens
+    per_layer = (ctx_tokens * per_token * elt
+                 + cfg.slot_factor * selected * 2 * cols * elt                     # chunk slots, K and V
+                 + (cfg.window_tokens + cfg.sink_tokens + outliers) * 2 * cols * elt  # the exact dense part
+                 + 2 * cols * cols * 4)                                            # the Gram sums (fp32)
+    index = int(args.n_layers * per_layer)
+    step = selected * args.n_layers * cols * elt
     return index, step
 
 
