@@ -31,17 +31,15 @@ from pathlib import Path
 
 import torch
 
-from localkv.models.args import ModelArgs
+from localkv.bench.ceilings import copy_rate, h2d_rate, median_seconds
+from localkv.bench.model import random_model
+from localkv.bench.shapes import shape_args
+from localkv.bench.synthetic import synth_fill
 from localkv.models.llama import Transformer
-from localkv.models.rope import Rope
 from localkv.offload import make_cache
 from localkv.offload.store import Budgets
 from localkv.units import parse_tokens
 
-LLAMA31_8B = dict(arch="llama", dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, vocab_size=128256,
-                  norm_eps=1e-5, rope_theta=500000.0, max_seq_len=131072,
-                  rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                "original_max_position_embeddings": 8192})
 GB = 1e9
 RESULTS: dict = {}
 
@@ -52,29 +50,13 @@ def log(msg: str) -> None:
 
 def gpu_time(fn, warmup: int = 1, repeat: int = 5) -> float:
     """Median seconds of fn() measured with CUDA events."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return statistics.median(times)
+    return median_seconds(fn, True, repeat, warmup)
 
 
 # -- ceilings ---------------------------------------------------------------------------------------------
 def ceilings(disk_dir: Path) -> dict:
-    x = torch.empty(2 * 2**30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    hbm = 2 * x.numel() / gpu_time(lambda: y.copy_(x))
-    del x, y
-    h = torch.empty(2 * 2**30, dtype=torch.uint8, pin_memory=True)
-    d = torch.empty(h.numel(), dtype=torch.uint8, device="cuda")
-    h2d = h.numel() / gpu_time(lambda: d.copy_(h, non_blocking=True))
-    del d
+    hbm, h2d = copy_rate(2 * 2**30, "cuda"), h2d_rate(2 * 2**30)
+    h = torch.empty(2 * 2**30, dtype=torch.uint8, pin_memory=True)  # the disk reads land here
     # Disk: a 2 GiB file, read back with O_DIRECT preadv from 8 threads into the pinned buffer, 1 MiB requests.
     from concurrent.futures import ThreadPoolExecutor
 
@@ -122,32 +104,6 @@ def ceilings(disk_dir: Path) -> dict:
     del h
     return {"hbm_copy_GBps": hbm / GB, "h2d_pinned_GBps": h2d / GB, "disk_preadv_GBps": disk_preadv / GB,
             "disk_aiofiles_GBps": disk_aiofiles / GB if disk_aiofiles else None}
-
-
-# -- model ------------------------------------------------------------------------------------------------
-def build_model(args: ModelArgs) -> Transformer:
-    with torch.device("meta"):
-        model = Transformer(args)
-    model = model.to_empty(device="cuda").to(torch.bfloat16)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-    model.rope = Rope(args, "cuda")
-    return model.eval().requires_grad_(False)
-
-
-def synth_fill(cache, model: Transformer, n_tokens: int, chunk: int = 8192) -> None:
-    """Write n_tokens of random KV into every layer of the cache, as a prefill would, without computing."""
-    args = model.args
-    start = cache.reserve(n_tokens)
-    for s in range(0, n_tokens, chunk):
-        t = min(chunk, n_tokens - s)
-        k = torch.randn(t, args.n_kv_heads, args.head_dim, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn_like(k)
-        for layer in range(args.n_layers):
-            cache.load_tokens(layer, start + s, k, v)
-    cache.commit(n_tokens)
-    torch.cuda.synchronize()
 
 
 @torch.inference_mode()
@@ -202,7 +158,6 @@ def main() -> None:
     stages = set(a.stages.split(","))
     ctxs = [parse_tokens(c) for c in a.ctx.split(",")]
     disk_dir = Path(a.disk_dir or tempfile.mkdtemp(prefix="localkv-bench-"))
-    total_gb = torch.cuda.get_device_properties(0).total_memory / 2**30
     out_dir = Path(os.environ.get("OUT", "."))
     RESULTS.update(device=torch.cuda.get_device_name(0), torch=torch.__version__, cap_gb=a.gpu_cap_gb,
                    date=time.strftime("%Y-%m-%d"), command="python scripts/bench_store.py " + " ".join(
@@ -217,8 +172,8 @@ def main() -> None:
         save()
     c = RESULTS.get("ceilings", {"hbm_copy_GBps": 2773, "h2d_pinned_GBps": 47.3, "disk_preadv_GBps": 1.0})
 
-    args = ModelArgs(**LLAMA31_8B)
-    model = build_model(args)
+    args = shape_args("llama3-8b")
+    model = random_model(args, "cuda", torch.bfloat16)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     # Weight streaming: every weight read once per token at the memory's traffic rate (the copy's read+write).
     weights_floor_ms = 1e3 * weight_bytes / (c["hbm_copy_GBps"] * GB)
@@ -240,7 +195,7 @@ def main() -> None:
             budgets = Budgets(0, int(kv_per_token * n * 1.05) + 2**30, None)
             opts = dict(block_pages=a.block_pages, ring_blocks=a.ring_blocks)
             cache = make_cache("exact", args, n + 64, device="cuda", dtype=torch.bfloat16, budgets=budgets, **opts)
-            synth_fill(cache, model, n)
+            synth_fill(cache, args, n, device="cuda", dtype=torch.bfloat16)
             ms = decode_ms(model, cache, a.steps)
             stats = cache.stats()
             del cache
@@ -250,7 +205,7 @@ def main() -> None:
             if "decode_gpu" in stages and fits:  # the same context wholly in the GPU tier: the compute alone
                 cache = make_cache("exact", args, n + 64, device="cuda", dtype=torch.bfloat16,
                                    budgets=Budgets(int(kv_per_token * n * 1.05), 0, None), **opts)
-                synth_fill(cache, model, n)
+                synth_fill(cache, args, n, device="cuda", dtype=torch.bfloat16)
                 gpu_ms = decode_ms(model, cache, a.steps)
                 del cache
                 torch.cuda.empty_cache()
@@ -302,7 +257,7 @@ def main() -> None:
         budgets = Budgets(0, cpu_bytes, disk_dir)
         with torch.inference_mode():
             cache = make_cache("exact", args, n + 64, device="cuda", dtype=torch.bfloat16, budgets=budgets)
-            synth_fill(cache, model, n)
+            synth_fill(cache, args, n, device="cuda", dtype=torch.bfloat16)
             ms = decode_ms(model, cache, 2)
         stats = cache.stats()
         disk_bytes = stats["disk_bytes"]

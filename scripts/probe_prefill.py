@@ -1,17 +1,14 @@
 """Probe (development aid): where a tiered chunked prefill spends its time on the GPU (torch profiler)."""
-import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, "scripts")
-from bench_store import LLAMA31_8B, build_model  # noqa: E402
-
-from localkv.models.args import ModelArgs
+from localkv.bench.model import random_model
+from localkv.bench.shapes import shape_args
 from localkv.offload import make_cache
 from localkv.offload.store import Budgets
 
-args = ModelArgs(**LLAMA31_8B)
-model = build_model(args)
+args = shape_args("llama3-8b")
+model = random_model(args, "cuda", torch.bfloat16)
 torch.cuda.set_per_process_memory_fraction(24 * 2**30 / torch.cuda.get_device_properties(0).total_memory)
 n, chunk = 65536, 16384
 ids = torch.randint(0, args.vocab_size, (n,), device="cuda")

@@ -5,7 +5,11 @@ import torch
 import triton
 from triton.testing import do_bench, do_bench_cudagraph
 
+from localkv.bench.ceilings import copy_rate
 from localkv.kernels import chunk_scores, sparse_attention
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from bench_kernels import _bench_graphed  # noqa: E402
 
 sa = sys.modules["localkv.kernels.sparse_attention"]  # the package re-exports a function of that name
 
@@ -15,10 +19,7 @@ kc, vc = (torch.randn(HKV, n_sel * CHUNK, D, dtype=DT, device="cuda") for _ in r
 kd, vd = (torch.randn(HKV, S, D, dtype=DT, device="cuda") for _ in range(2))
 idx = torch.stack([torch.randperm(n_sel, device="cuda") for _ in range(HKV)]).int()
 nbytes = 2 * HKV * (S + n_sel * CHUNK) * D * 2
-copy = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-copy2 = torch.empty_like(copy)
-hbm = 2 * copy.numel() / do_bench(lambda: copy2.copy_(copy), return_mode="median") / 1e6
-del copy, copy2
+hbm = copy_rate(2**30, "cuda") / 1e9
 print(f"HBM copy {hbm:.0f} GB/s")
 if "--scores-only" not in sys.argv:
     orig = sa._sparse_attention_tuned
@@ -81,19 +82,8 @@ sets = [torch.randn(HKV, C, D, dtype=DT, device="cuda") for _ in range(8)]
 
 
 def graphed(calls):
-    for c in calls:
-        c()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for c in calls:
-            c()
-    ts = []
-    for _ in range(20):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record(); g.replay(); e1.record(); torch.cuda.synchronize()
-        ts.append(e0.elapsed_time(e1) / len(calls))
-    return sorted(ts)[10] * 1e3
+    """us of GPU time per call, the calls captured in one CUDA graph (bench_kernels' method)."""
+    return 1e3 * _bench_graphed(calls)
 
 
 class _Skip:

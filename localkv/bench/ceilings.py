@@ -41,8 +41,10 @@ class Ceilings:
         return {f"{k}_GBps": (v / GB if v else None) for k, v in self.__dict__.items()}
 
 
-def _median_s(fn, cuda: bool, repeat: int = 5) -> float:
-    fn()  # warm-up: first-touch page faults, lazy CUDA init
+def median_seconds(fn, cuda: bool, repeat: int = 5, warmup: int = 1) -> float:
+    """Median seconds of ``fn()`` over ``repeat`` runs after ``warmup`` (CUDA events on a GPU)."""
+    for _ in range(warmup):  # first-touch page faults, lazy CUDA init
+        fn()
     times = []
     for _ in range(repeat):
         if cuda:
@@ -63,14 +65,14 @@ def copy_rate(n_bytes: int, device: str = "cpu") -> float:
     """Memory traffic (read + write) of copying ``n_bytes`` within one memory, bytes/s."""
     x = torch.empty(n_bytes, dtype=torch.uint8, device=device)
     y = torch.empty_like(x)
-    return 2 * n_bytes / _median_s(lambda: y.copy_(x), device != "cpu")
+    return 2 * n_bytes / median_seconds(lambda: y.copy_(x), device != "cpu")
 
 
 def h2d_rate(n_bytes: int) -> float:
     """Pinned host -> GPU copy, bytes/s."""
     h = torch.empty(n_bytes, dtype=torch.uint8, pin_memory=True)
     d = torch.empty(n_bytes, dtype=torch.uint8, device="cuda")
-    return n_bytes / _median_s(lambda: d.copy_(h, non_blocking=True), True)
+    return n_bytes / median_seconds(lambda: d.copy_(h, non_blocking=True), True)
 
 
 def disk_read_rate(directory: Path, n_bytes: int, request: int = 2**20, threads: int = 8) -> float:
