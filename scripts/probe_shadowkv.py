@@ -1,9 +1,10 @@
 """Probe (development aid): where a ShadowKV decode step of the Llama-3.1-8B shape spends its time (profiler).
 
-    python scripts/probe_shadowkv.py [--ctx 32768]
+    python scripts/probe_shadowkv.py [--ctx 32768] [--graphs]
 
 Synthesizes the context into the tiers, runs a few decode steps, then profiles five: CUDA kernels launched per
-step, GPU time against wall time, and the top host-side ops.
+step, GPU time against wall time, the top host-side ops and the top kernels. ``--graphs`` decodes through
+CUDA graphs (`localkv.runtime.graphs`), as `localkv run` does.
 """
 import argparse
 import time
@@ -16,9 +17,11 @@ from localkv.bench.shapes import shape_args
 from localkv.bench.synthetic import synth_fill
 from localkv.offload import make_cache
 from localkv.offload.store import Budgets
+from localkv.runtime.graphs import DecodeGraphs
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--ctx", type=int, default=32768)
+ap.add_argument("--graphs", action="store_true")
 a = ap.parse_args()
 args = shape_args("llama3-8b")
 model = random_model(args, "cuda", torch.bfloat16)
@@ -27,13 +30,19 @@ cache = make_cache("shadowkv", args, a.ctx + 64, device="cuda", dtype=torch.bflo
 with torch.inference_mode():
     synth_fill(cache, args, a.ctx, device="cuda", dtype=torch.bfloat16)
     tok = torch.tensor([1], device="cuda")
+    graphs = DecodeGraphs(model, cache) if a.graphs else None
+
+    def step():
+        if graphs is None or graphs(1) is None:
+            model(tok, cache, decode=True)
+
     for _ in range(3):
-        model(tok, cache, decode=True)
+        step()
     torch.cuda.synchronize()
     t = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
-            model(tok, cache, decode=True)
+            step()
         torch.cuda.synchronize()
     wall = (time.perf_counter() - t) / 5
 events = prof.key_averages()
@@ -41,4 +50,7 @@ kernels = sum(e.count for e in events if e.device_type.name == "CUDA")
 gpu_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA")
 print(f"ctx {a.ctx}: wall {1e3 * wall:.1f} ms/step, GPU busy {gpu_us / 5e3:.1f} ms/step, "
       f"{kernels / 5:.0f} kernels/step ({kernels / 5 / args.n_layers:.0f} per layer)")
-print(events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=50))
+if graphs is not None:
+    print(f"graph captures: {graphs.captures}")
+print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=50))
+print(events.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70))

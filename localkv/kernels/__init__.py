@@ -14,12 +14,13 @@ from .merge_attention import merge_attention, merge_attention_ref, merge_into, m
 from .rms_norm import rms_norm, rms_norm_ref
 from .rope import rope, rope_ref
 from .sparse_attention import sparse_attention, sparse_attention_ref
+from .topk_ids import topk_ids, topk_ids_ref
 
 __all__ = [
     "KERNEL_CALLS", "use_triton",
     "sparse_attention", "sparse_attention_ref",
     "merge_attention", "merge_attention_ref", "merge_into", "merge_into_ref",
-    "chunk_scores", "chunk_scores_ref",
+    "chunk_scores", "chunk_scores_ref", "topk_ids", "topk_ids_ref",
     "lowrank_rope", "lowrank_rope_ref",
     "gather_pinned", "gather_pinned_ref",
     "rms_norm", "rms_norm_ref", "rope", "rope_ref",

@@ -26,11 +26,12 @@ def _gather_pinned_kernel(
     src_ptr, stride_src_h,                  # pool (Hkv, N*CHUNK_ELEMS) (host or device): elements between heads
     idx_ptr, stride_ih,                     # idx (Hkv, n_sel) source chunk ids (device): between heads
     dst_ptr, stride_dh,                     # dst (Hkv, n_sel) destination slots (read only if HAS_DST)
+    seg_ptr, stride_gh, match,              # seg (Hkv, n_sel): an entry moves only where seg == match (HAS_SEG)
     out_ptr, stride_oh,                     # out (Hkv, n_slots*CHUNK_ELEMS) (device): elements between heads
     n_sel,
     CHUNK_ELEMS: tl.constexpr,              # elements (words) per chunk: chunk_tokens * D
     BLOCK_E: tl.constexpr,                  # next power of two >= CHUNK_ELEMS
-    CHUNKS_PER_PROG: tl.constexpr, HAS_DST: tl.constexpr,
+    CHUNKS_PER_PROG: tl.constexpr, HAS_DST: tl.constexpr, HAS_SEG: tl.constexpr,
 ):
     h = tl.program_id(0).to(tl.int64)      # KV head
     offs_c = tl.program_id(1) * CHUNKS_PER_PROG + tl.arange(0, CHUNKS_PER_PROG)   # list positions
@@ -38,6 +39,8 @@ def _gather_pinned_kernel(
     if HAS_DST:
         dst_chunk = tl.load(dst_ptr + h * stride_dh + offs_c, mask=mask_c, other=-1).to(tl.int64)
         mask_c = mask_c & (dst_chunk >= 0)                                    # dst < 0: entry skipped
+    if HAS_SEG:
+        mask_c = mask_c & (tl.load(seg_ptr + h * stride_gh + offs_c, mask=mask_c, other=-1) == match)
     src_chunk = tl.load(idx_ptr + h * stride_ih + offs_c, mask=mask_c, other=0).to(tl.int64)
     if not HAS_DST:
         dst_chunk = offs_c.to(tl.int64)
@@ -50,12 +53,14 @@ def _gather_pinned_kernel(
 
 _CONFIGS = [triton.Config({"CHUNKS_PER_PROG": c}, num_warps=w)
             for c, w in [(1, 4), (2, 4), (4, 4), (4, 8), (8, 8), (16, 8)]]
-_gather_pinned_tuned = triton.autotune(_CONFIGS, key=["CHUNK_ELEMS", "HAS_DST"])(_gather_pinned_kernel)
+_gather_pinned_tuned = triton.autotune(_CONFIGS, key=["CHUNK_ELEMS", "HAS_DST", "HAS_SEG"])(_gather_pinned_kernel)
 
 
-def gather_pinned_ref(src, idx, out, *, dst=None, chunk_tokens: int = 8):
+def gather_pinned_ref(src, idx, out, *, dst=None, chunk_tokens: int = 8, only=None):
     """Torch version: index_select on the host into a pinned staging buffer, then one copy to ``out``
     (a device pool is gathered on the device). With ``dst``, only the entries whose slot is >= 0 move."""
+    if only is not None:
+        dst = torch.where(only[0] == only[1], dst, -1)
     Hkv, _, D = src.shape
     n_sel = idx.shape[1]
     pool = src.view(Hkv, -1, chunk_tokens * D)                      # (Hkv, N, chunk*D)
@@ -91,7 +96,7 @@ def _words(t: torch.Tensor, row_elems: int) -> tuple[torch.Tensor, int]:
     return t, row_elems
 
 
-def gather_pinned(src, idx, out, *, dst=None, chunk_tokens: int = 8):
+def gather_pinned(src, idx, out, *, dst=None, chunk_tokens: int = 8, only=None):
     """Copy selected chunks of a (pinned host) pool into a device buffer, read by the GPU directly.
 
     Args:
@@ -103,6 +108,8 @@ def gather_pinned(src, idx, out, *, dst=None, chunk_tokens: int = 8):
             which needs n_slots >= n_sel); slots must be distinct per head. A negative slot skips its entry
             (nothing read, nothing written; its ``idx`` may be out of range).
         chunk_tokens: tokens per chunk.
+        only: optional ``(seg, s)``, seg (Hkv, n_sel) integers and s an int, with ``dst``: only the entries
+            with ``seg == s`` move (one launch per pool of several, with no mask made for each).
 
     Returns:
         ``out``.
@@ -116,21 +123,24 @@ def gather_pinned(src, idx, out, *, dst=None, chunk_tokens: int = 8):
           f"idx must be (Hkv={Hkv}, n_sel) int32/int64, got {tuple(idx.shape)} {idx.dtype}")
     n_sel = idx.shape[1]
     check(dst is None or dst.shape == idx.shape, "dst must have idx's shape")
+    check(only is None or (dst is not None and only[0].shape == idx.shape), "only needs dst, and seg of idx's shape")
     check(dst is not None or out.shape[1] >= n_sel * chunk_tokens, "out has fewer slots than idx entries")
     check(src.stride(2) == 1 and src.stride(1) == D and out.stride(2) == 1 and out.stride(1) == D,
           "src[h] and out[h] must be contiguous")
     host_ok = src.is_cuda or (src.device.type == "cpu" and src.is_pinned())
     if not (use_triton(idx, out, dst) and (interpreting() or host_ok)):
-        return gather_pinned_ref(src, idx, out, dst=dst, chunk_tokens=chunk_tokens)
+        return gather_pinned_ref(src, idx, out, dst=dst, chunk_tokens=chunk_tokens, only=only)
     if n_sel == 0:
         return out
     src_w, elems = _words(src, chunk_tokens * D)
     out_w, _ = _words(out, chunk_tokens * D)
     if out_w.dtype != src_w.dtype:                   # one side could not be viewed as words
         src_w, out_w, elems = src, out, chunk_tokens * D
-    args = (src_w, src_w.stride(0), idx, idx.stride(0), dst if dst is not None else idx,
-            (dst if dst is not None else idx).stride(0), out_w, out_w.stride(0), n_sel)
-    meta = dict(CHUNK_ELEMS=elems, BLOCK_E=next_pow2(elems), HAS_DST=dst is not None)
+    d = dst if dst is not None else idx
+    seg, match = only if only is not None else (idx, 0)
+    args = (src_w, src_w.stride(0), idx, idx.stride(0), d, d.stride(0), seg, seg.stride(0), int(match),
+            out_w, out_w.stride(0), n_sel)
+    meta = dict(CHUNK_ELEMS=elems, BLOCK_E=next_pow2(elems), HAS_DST=dst is not None, HAS_SEG=only is not None)
     KERNEL_CALLS["gather_pinned"] += 1
     if interpreting():
         _gather_pinned_kernel[(Hkv, -(-n_sel // 4))](*args, CHUNKS_PER_PROG=4, **meta)

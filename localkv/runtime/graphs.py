@@ -8,8 +8,10 @@ of the KV (the attention kernel's bound). Buffers must stay where they were reco
 through fixed row counts: one graph per bucket, rows rounded up to a step of 1K rows or 1/16 to 1/8 of the
 length, whichever is larger, so attention is laid out over few rows more than are filled (and skips those).
 
-Graphs serve caches that offer ``static_view`` (the exact policy with the KV whole on the GPU); the tiered
-and sparse policies decode eagerly.
+Graphs serve caches that offer ``static_view``: the exact policy with the KV whole on the GPU, and ShadowKV
+(`offload.policies.shadowkv_graph`), whose view serves every length with one graph while its ``buffers``
+signature holds, runs host bookkeeping after each replay (``replayed``) and saves the sums its warm-up run
+adds (``save`` / ``restore``). The tiered exact policy decodes eagerly.
 """
 
 from __future__ import annotations
@@ -62,10 +64,13 @@ class DecodeGraphs:
         self.tokens.fill_(token)
         self.pos.fill_(start)
         self.length.fill_(start + 1)
-        if rows not in self.graphs:
-            self.graphs[rows] = self._capture(view)
-        graph, logits = self.graphs[rows]
+        key = getattr(view, "key", rows)   # a view may serve every length with one graph
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(view)
+        graph, logits = self.graphs[key]
         graph.replay()
+        if hasattr(view, "replayed"):      # host state the replay cannot advance
+            view.replayed()
         cache.commit(1)
         return logits[-1].clone()  # the next replay overwrites the static output
 
@@ -73,11 +78,14 @@ class DecodeGraphs:
         run = lambda: self.model.step(self.tokens, self.pos, view, decode=True)  # noqa: E731
         # Warm up on a side stream (Triton compiles and autotunes here, not under capture). Each run writes this
         # step's K/V at its position, which the replay writes again with the same values.
+        saved = view.save() if hasattr(view, "save") else None   # sums the warm-up run would add twice
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             run()
         torch.cuda.current_stream().wait_stream(side)
+        if saved is not None:
+            view.restore(saved)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             logits = run()

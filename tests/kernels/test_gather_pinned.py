@@ -57,19 +57,26 @@ def test_rejects_non_contiguous_heads():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_negative_slots_are_skipped(dtype, kernel_ran):
-    """dst < 0 masks an entry out (its id may be anything): only the others move."""
+@pytest.mark.parametrize("by", ["dst", "only"])
+def test_negative_slots_are_skipped(dtype, by, kernel_ran):
+    """dst < 0, or (with ``only=(seg, s)``) seg != s, masks an entry out (its id may be anything): only the
+    others move."""
     Hkv, N, chunk, D, n_sel, n_slots = 2, 16, 8, 64, 9, 12
     src = _pool((Hkv, N * chunk, D), dtype)
     idx = torch.randint(0, N, (Hkv, n_sel), device=DEVICE)
     dst = torch.stack([torch.randperm(n_slots)[:n_sel] for _ in range(Hkv)]).to(DEVICE)
     skip = torch.rand(Hkv, n_sel, device=DEVICE) < 0.5
+    only = None
+    if by == "only":   # seg: 3 where the entry moves, anything else where it does not
+        seg = torch.where(skip, torch.randint(-1, 3, (Hkv, n_sel), device=DEVICE), 3)
+        only = (seg, 3)
+    dst_in = dst if by == "only" else torch.where(skip, -1, dst)
     dst = torch.where(skip, -1, dst)
     idx = torch.where(skip, 10 ** 9, idx)                      # out of range: must not be read
     out, ref = poisoned((Hkv, n_slots * chunk, D), dtype), poisoned((Hkv, n_slots * chunk, D), dtype)
-    gather_pinned(src, idx, out, dst=dst, chunk_tokens=chunk)
+    gather_pinned(src, idx, out, dst=dst_in, chunk_tokens=chunk, only=only)
     kernel_ran("gather_pinned")
-    gather_pinned_ref(src, idx, ref, dst=dst, chunk_tokens=chunk)
+    gather_pinned_ref(src, idx, ref, dst=dst_in, chunk_tokens=chunk, only=only)
     assert torch.equal(out.view(torch.uint8), ref.view(torch.uint8))
     pool, slots = src.view(Hkv, N, chunk * D).to(DEVICE), out.view(Hkv, n_slots, chunk * D)
     for h in range(Hkv):

@@ -15,9 +15,9 @@ import math
 
 import torch
 
-from ...kernels import chunk_scores
+from ...kernels import chunk_scores, topk_ids
 
-_TAKEN = 2 ** 62  # age of a slot a hit holds: never evicted this step
+_TAKEN = 2 ** 31 - 1  # age of a slot a hit holds: never evicted this step
 
 
 def budget_chunks(budget: int | float | None, n_tokens: int, chunk_tokens: int) -> int:
@@ -49,8 +49,8 @@ def select_chunks(q: torch.Tensor, landmarks: torch.Tensor, excluded: torch.Tens
     """
     scores = chunk_scores(q, landmarks)                       # (Hkv, n_chunks) fp32, each in [0, T]
     scores.masked_fill_(excluded, float("-inf"))
-    top = torch.topk(scores, k, dim=1, sorted=False).indices  # (Hkv, k)
-    return top.sort(dim=1).values  # chunk order: the attention sums in the same order however slots fell
+    # ids ascending (ties to the lowest): the attention sums in chunk order however the slots fell
+    return topk_ids(scores, k)
 
 
 class ChunkBuffer:
@@ -70,7 +70,7 @@ class ChunkBuffer:
         self.slot_factor = slot_factor
         self.n_slots = 0
         self.n_chunks = 0
-        self.step = 0
+        self.step = torch.zeros((), dtype=torch.int32, device=device)  # on the device: graphs replay assign
         self._alloc(0, 0)
 
     def _alloc(self, n_slots: int, n_chunks: int) -> None:
@@ -78,7 +78,7 @@ class ChunkBuffer:
         self.k = torch.zeros(Hkv, n_slots * C, D, dtype=self.dtype, device=dev)
         self.v = torch.zeros(Hkv, n_slots * C, D, dtype=self.dtype, device=dev)
         self.slot_chunk = torch.full((Hkv, n_slots + 1), -1, dtype=torch.long, device=dev)
-        self.slot_age = torch.zeros(Hkv, n_slots + 1, dtype=torch.long, device=dev)
+        self.slot_age = torch.zeros(Hkv, n_slots + 1, dtype=torch.int32, device=dev)  # int32: a cheaper sort
         self.chunk_slot = torch.full((Hkv, n_chunks + 1), -1, dtype=torch.long, device=dev)
         self.n_slots, self.n_chunks = n_slots, n_chunks
 
@@ -117,7 +117,7 @@ class ChunkBuffer:
         self.chunk_slot.scatter_(1, torch.where(miss, sel, trash_chunk), new)
         self.slot_chunk.scatter_(1, torch.where(miss, new, trash_slot), sel)
         self.step += 1
-        self.slot_age.scatter_(1, slots, self.step)
+        self.slot_age.scatter_(1, slots, self.step.expand_as(slots))
         return slots, dst, hit
 
     def forget_from(self, chunk: int) -> None:
@@ -130,6 +130,10 @@ class ChunkBuffer:
     def device_bytes(self) -> int:
         held = (self.k, self.v, self.slot_chunk, self.slot_age, self.chunk_slot)
         return sum(t.numel() * t.element_size() for t in held)
+
+    def buffers(self) -> tuple[int, ...]:
+        """Addresses a graphed step reads: they change when `reserve` grows the buffer."""
+        return tuple(t.data_ptr() for t in (self.k, self.v, self.slot_chunk, self.slot_age, self.chunk_slot))
 
 
 def attention_recall(q: torch.Tensor, keys: torch.Tensor, covered: torch.Tensor) -> torch.Tensor:

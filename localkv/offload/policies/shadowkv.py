@@ -40,6 +40,7 @@ from ..pipeline import BlockReader
 from ..store import Budgets, KVStore
 from .exact_tiered import TieredExactKV
 from .shadowkv_fetch import CPU_TIER, DEVICE_TIER, DISK_TIER
+from .shadowkv_graph import graph_view, signature
 from .shadowkv_layer import ShadowKVLayer
 
 
@@ -194,6 +195,15 @@ class ShadowKV(KVCache):
         self._prefill_from = None
         for lay in self.layers:
             lay.truncate(n)
+
+    def static_view(self, rows: int, length: torch.Tensor):
+        """A view for a CUDA-graphed decode step (`shadowkv_graph`), or None when the next step has host work.
+        ``rows`` (the exact policy's bucket) does not matter here."""
+        return graph_view(self, length)
+
+    def buffers(self) -> tuple:
+        """What a captured step has baked in: a graph is valid while this stays the same."""
+        return signature(self)
 
     token_runs = TieredExactKV.token_runs
 

@@ -40,6 +40,9 @@ class StoreChunks:
         self.store, self.layer, self.C = store, layer, chunk_tokens
         self.stale = True
         self.n_pages = -1
+        self.segments: list[tuple[int, torch.Tensor]] = []
+        self.seg_of: torch.Tensor | None = None
+        self.base: torch.Tensor | None = None
 
     def _table(self) -> None:
         """(Re)build the page table: the segment of each page and its first chunk's number in it."""
@@ -68,14 +71,27 @@ class StoreChunks:
         seg_of.append(len(segments))                            # the open page, one more "arena"
         base.append(0)
         segments.append((DEVICE_TIER, store.open[layer][None]))
-        dev = store.device
+        # The tables are rewritten in place (grown by doubling), so a graphed step captured over them reads the
+        # new pages of a later seal; the segments themselves are part of its `signature`.
+        dev, m = store.device, len(seg_of)
+        if self.seg_of is None or self.seg_of.numel() < m:
+            size = max(m, 64, 2 * (self.seg_of.numel() if self.seg_of is not None else 0))
+            self.seg_of = torch.full((size,), -1, dtype=torch.long, device=dev)   # page -> segment, -1: disk
+            self.base = torch.zeros(size, dtype=torch.long, device=dev)           # page -> its first chunk
+        self.seg_of[:m].copy_(torch.tensor(seg_of))
+        self.base[:m].copy_(torch.tensor(base))
+        if [(k, a.data_ptr()) for k, a in segments] != [(k, a.data_ptr()) for k, a in self.segments]:
+            self.kind = torch.tensor([k for k, _ in segments] + [DISK_TIER], dtype=torch.long, device=dev)
         self.segments = segments
-        self.seg_of = torch.tensor(seg_of, dtype=torch.long, device=dev)      # (n_pages + 1,), -1: disk
-        self.base = torch.tensor(base, dtype=torch.long, device=dev)          # (n_pages + 1,)
-        self.kind = torch.tensor([k for k, _ in segments] + [DISK_TIER], dtype=torch.long, device=dev)
         self.has_disk = -1 in seg_of
         self.n_pages = len(pages)
         self.stale = False
+
+    def signature(self) -> tuple:
+        """What a graphed `fetch` has baked in: the segments and the tables' addresses."""
+        self._table()
+        return (tuple((k, a.data_ptr()) for k, a in self.segments), self.seg_of.data_ptr(),
+                self.base.data_ptr(), self.kind.data_ptr())
 
     def fetch(self, part: int, chunks: torch.Tensor, dst: torch.Tensor, out: torch.Tensor,
               moved: torch.Tensor | None = None) -> None:
@@ -90,11 +106,11 @@ class StoreChunks:
         self._table()
         C, P = self.C, self.store.geometry.page_tokens
         tok = chunks * C
-        page = (tok // P).clamp(max=self.n_pages)               # the open page is number n_pages
+        page = tok // P                                         # the open page is number n_pages
         seg = self.seg_of[page]                                 # (Hkv, n)
         src = self.base[page] + (tok % P) // C                  # chunk number inside its arena's view
         for s, (_, arena) in enumerate(self.segments):
-            gather_pinned(_arena_view(arena, part), src, out, dst=torch.where(seg == s, dst, -1), chunk_tokens=C)
+            gather_pinned(_arena_view(arena, part), src, out, dst=dst, chunk_tokens=C, only=(seg, s))
         if self.has_disk:
             self._from_disk(part, chunks, torch.where(seg < 0, dst, -1), out)
         if moved is not None:

@@ -197,25 +197,35 @@ class ShadowKVLayer:
     def budget_tokens(self) -> int:
         return budget_chunks(self.cfg.budget, self.n, self.C) * self.C
 
-    def _attend(self, q: torch.Tensor) -> torch.Tensor:
-        """Attention of the newest T queries (T, Hq, D) (post-RoPE, KV dtype) over dense + selected chunks."""
-        C, cache = self.C, self.cache
-        n_chunks = self.W // C
+    def step_size(self, n: int) -> tuple[int, int]:
+        """(sealed chunks, chunks selected per KV head) of a decode step over ``n`` tokens."""
+        n_chunks = self.W // self.C
         pool = n_chunks - min(self.index.sink_chunks, n_chunks) - self.index.outliers.shape[1]
-        k = min(budget_chunks(self.cfg.budget, self.n, C), pool)
-        rows = self.fixed + (self.n - self.W)
+        return n_chunks, min(budget_chunks(self.cfg.budget, n, self.C), pool)
+
+    def _attend(self, q: torch.Tensor, n: int | None = None, dense_len: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of the newest T queries (T, Hq, D) (post-RoPE, KV dtype) over dense + selected chunks.
+
+        A graphed step (`shadowkv_graph`) gives the length ``n`` it runs at and ``dense_len``, the filled dense
+        rows as a (1,) int32 device tensor; the eager step reads both off the host's state.
+        """
+        C, cache = self.C, self.cache
+        graphed = dense_len is not None
+        n_chunks, k = self.step_size(self.n if n is None else n)
+        rows = self.dense_k.shape[1] if graphed else self.fixed + (self.n - self.W)
         dense_k, dense_v = self.dense_k[:, :rows], self.dense_v[:, :rows]
         sel = None
         if k <= 0:
-            out, _ = sparse_attention(q, dense_k, dense_v, causal=True)
+            out, _ = sparse_attention(q, dense_k, dense_v, causal=True, dense_len=dense_len)
         else:
             sel = select_chunks(q, self.index.landmarks[:, :n_chunks], self.index.excluded[:, :n_chunks], k)
             self.buffer.reserve(k, n_chunks)
             slots, dst, hit = self.buffer.assign(sel)
             self._fill(sel, slots, dst)
             out, _ = sparse_attention(q, dense_k, dense_v, self.buffer.k, self.buffer.v, slots,
-                                      chunk_tokens=C, causal=True)
-            cache.selected += k * self.Hkv
+                                      chunk_tokens=C, causal=True, dense_len=dense_len)
+            if not graphed:   # a replay counts on the host, after it (`ShadowKVGraphView.replayed`)
+                cache.selected += k * self.Hkv
             cache.hits.add_(hit.sum())
         if self.cfg.measure_recall:
             self._measure(q, sel)

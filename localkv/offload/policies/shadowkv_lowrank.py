@@ -98,10 +98,24 @@ class LowRankKeys:
                 self._block_end(self.rows)
             i = j
 
-    def _project(self, pos: int, piece: torch.Tensor, into_part: bool) -> None:
-        """U rows of ``piece (t, cols)`` at ``pos``, and its reconstruction sums."""
+    def append_at(self, pos: torch.Tensor, k: torch.Tensor) -> None:
+        """One key ``k (1, Hkv, D)`` at the device position ``pos (1,)``: `append` as a CUDA-graphed step runs
+        it, for a step the caller knows ends no block (the host's ``rows`` is advanced by `advance`)."""
+        flat = k.reshape(1, self.cols).float()
+        self.gram_part.addmm_(flat.T, flat)
+        self._project(pos, flat, into_part=True)
+
+    def advance(self, n: int) -> None:
+        """The host's count after graphed `append_at` steps."""
+        self.rows = self._reserved = self.rows + n
+
+    def _project(self, pos: int | torch.Tensor, piece: torch.Tensor, into_part: bool) -> None:
+        """U rows of ``piece (t, cols)`` at ``pos`` (an int, or a (t,) device tensor), and its reconstruction sums."""
         c = piece @ self.basis                                 # (t, r) coordinates
-        self.u[pos:pos + piece.shape[0]] = c.to(self.dtype)
+        if isinstance(pos, torch.Tensor):
+            self.u.index_copy_(0, pos, c.to(self.dtype))
+        else:
+            self.u[pos:pos + piece.shape[0]] = c.to(self.dtype)
         resid = piece - c @ self.basis.T                       # (t, cols) what the basis misses
         sums = torch.stack([resid.square().sum(), piece.square().sum()])
         self.total += sums
