@@ -8,7 +8,7 @@ from localkv.offload import make_cache
 from localkv.offload.policies.shadowkv_graph import ShadowKVGraphView, plain_step
 from localkv.offload.store import Budgets
 from localkv.runtime.graphs import DecodeGraphs
-from test_model import _hf_and_ours
+from test_shadowkv_gpu import _model
 
 PAGE = 32
 OPTS = dict(budget=48, page_tokens=PAGE, window_tokens=64, block_tokens=64)
@@ -19,21 +19,10 @@ def torch_references(monkeypatch):
     monkeypatch.setenv("LOCALKV_KERNELS", "ref")   # the kernels' own tests cover them; here, the step's logic
 
 
-def _model(device="cpu", dtype=torch.float32):
-    _, model, args = _hf_and_ours("llama", max_pos=4096)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.2)
-    model = model.to(device, dtype)
-    model.rope = type(model.rope)(args, device)
-    return model, args
-
-
 def test_view_step_equals_eager_decode():
     """Steps through `ShadowKVGraphView` (positions from device tensors, host counts advanced after), each run
     twice with the warm-up's sums saved and restored in between, against a twin cache decoding eagerly."""
-    model, args = _model()
+    model, args = _model("cpu", torch.float32)
     ids = torch.randint(0, 100, (460,))
     eager, viewed = (make_cache("shadowkv", args, 1024, **OPTS) for _ in range(2))
     length = torch.zeros(1, dtype=torch.int32)
