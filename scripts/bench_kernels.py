@@ -110,19 +110,20 @@ def bench_attention(ceil, Tq):
                 {"config": str(getattr(_sparse_attention_tuned, "best_config", None))})
 
 
-def bench_scores(ceil, mode):
+def bench_scores(ceil, mode, tokens=CTX_TOKENS):
     from localkv.kernels import chunk_scores, chunk_scores_ref
 
-    C = CTX_TOKENS // CHUNK
+    C = tokens // CHUNK
     q = torch.randn(1, HKV * G, D, dtype=DT, device=DEV)
-    copies = [torch.randn(HKV, C, D, dtype=DT, device=DEV) for _ in range(8)]    # 8 x 32 MB: L2 is 50 MB
+    n_sets = max(2, 8 * CTX_TOKENS // tokens)      # 8 x 32 MB at 128K tokens: L2 is 50 MB
+    copies = [torch.randn(HKV, C, D, dtype=DT, device=DEV) for _ in range(n_sets)]
     kws = [dict(landmarks=a) if mode == "landmark" else dict(kmin=a, kmax=a + 1.0) for a in copies]
     a, kw = copies[0], kws[0]
     ms = _bench_graphed([lambda kw=kw: chunk_scores(q, **kw) for kw in kws])
     ref_ms = _bench_graphed([lambda kw=kw: chunk_scores_ref(q, **kw) for kw in kws])
     err = _maxerr(chunk_scores(q, **kw), chunk_scores_ref(q, **kw))
     nbytes = len(kw) * a.numel() * 2 + HKV * C * 4
-    return _row("chunk_scores", f"{mode} C={C} chunks", nbytes, ms, ref_ms, err, "copy_GBps", ceil, 70)
+    return _row("chunk_scores", f"{mode} C={C} chunks ({tokens // 1024}K tokens)", nbytes, ms, ref_ms, err, "copy_GBps", ceil, 70)
 
 
 def bench_gather(ceil, n_sel):
@@ -211,6 +212,7 @@ def main() -> int:
     print(f"ceilings: copy {ceil['copy_GBps']:.0f} GB/s, pinned H2D {ceil['h2d_pinned_GBps']:.1f} GB/s", flush=True)
     jobs = [("sparse_attention", bench_attention, (1,)), ("sparse_attention", bench_attention, (8,)),
             ("chunk_scores", bench_scores, ("landmark",)), ("chunk_scores", bench_scores, ("minmax",)),
+            ("chunk_scores", bench_scores, ("landmark", 8 * CTX_TOKENS)),
             *[("gather_pinned", bench_gather, (n,)) for n in BUDGET_CHUNKS],
             *[("lowrank_rope", bench_lowrank, (n,)) for n in BUDGET_CHUNKS],
             ("kv_quant", bench_quant, ("key", 4)), ("kv_quant", bench_quant, ("value", 4)),

@@ -10,9 +10,17 @@ Queries ``q (Tq, Hq, D)``; abstracts per KV head and chunk, one of:
   ``q⁺·kmax + q⁻·kmin`` with ``q⁺ = max(q, 0)``, ``q⁻ = min(q, 0)``: two tensor-core dots.
 
 Returns ``(Hkv, C)`` fp32. Tile rows are ``m = g * TQ_PAD + t`` (group member, token), both padded to powers
-of two so the group reduction is a reshape. The landmark softmax needs the normaliser over all C chunks:
-pass 1 writes the raw scores and per-block (max, Σexp) to scratch, pass 2 folds the block stats into a
-per-row LSE and reduces ``exp(s - lse)`` over (t, g). The landmarks are read once.
+of two so the group reduction is a reshape.
+
+The landmark softmax needs each row's normaliser over all C chunks before any chunk's probability, a
+grid-wide dependency. One launch handles it: each head's chunks are split among P co-resident programs.
+A program scores its span, keeping the raw scores in a scratch buffer (fp32, 1/16 of the landmarks' bytes
+at D = 128) and its rows' running (max, Σexp). It then waits at a per-head barrier (an atomic counter),
+forms every row's LSE from the P programs' stats, and turns its own span's scores into probabilities.
+The waiting needs every program of the grid resident at once, so the launcher sizes P from the compiled
+kernel's occupancy. On an H100 this one launch is faster than two passes with a launch between them
+(16K chunks: 20.1 µs against 21.9; 128K chunks: 114 µs against 145). Under the CPU interpreter programs
+run one after another, so there P = 1 per head.
 """
 
 from __future__ import annotations
@@ -21,100 +29,128 @@ import torch
 
 from ._common import KERNEL_CALLS, _dot, check, dot_flags, interpreting, n_sms, next_pow2, tl, triton, use_triton
 
-
-TILE = {"landmark_chunks": 128, "warps": 8}
-"""Pass-1 tile: chunks per program for landmark scoring with few query rows, and warps. Swept on an H100
-(scripts/sweep_kernels.py --scores-only, 16K chunks): 64-256 chunks x 2-8 warps all land at 22-26 us for both
-passes, pass 1 alone 17-22 us for 32 MB. What remains is per-launch cost, paid twice."""
+TILE = {"block_c": 64, "warps": 2, "stages": 3, "per_sm": 4}
+"""Landmark tile and programs: chunks per loop step, warps, pipeline stages, most programs per SM. Swept on
+an H100 (scripts/exp_scores.py; 16K and 128K chunks): 2 warps with 3 stages beat 4-8 warps at every
+tile; 2-4 programs per SM are within 2% of each other."""
 
 
 @triton.jit
-def _chunk_scores_kernel(
+def _minmax_scores_kernel(
     q_ptr, stride_qt, stride_qh,            # q (Tq, Hq, D): elements between tokens / heads; D contiguous
-    a_ptr, stride_ah, stride_ac,            # landmarks, or kmin, (Hkv, C, D): elements between heads / chunks
-    b_ptr, stride_bh, stride_bc,            # kmax (Hkv, C, D) in MINMAX mode (unused otherwise)
-    out_ptr, stride_outh,                   # MINMAX: scores (Hkv, C) fp32
-    s_ptr, stride_sh, stride_sm,            # landmark: raw scores scratch (Hkv, BLOCK_M, C) fp32, log2 units
-    bmax_ptr, bsum_ptr, stride_th, stride_tb,  # landmark: block max / Σexp2 (Hkv, n_blk, BLOCK_M) fp32
-    Tq, C, D, qk_scale,                     # query tokens, chunks, head dim, sm_scale * log2(e)
+    kmin_ptr, kmax_ptr, stride_ah, stride_ac,  # kmin, kmax (Hkv, C, D), same strides
+    out_ptr, stride_outh,                   # scores (Hkv, C) fp32
+    Tq, C, D,
     G: tl.constexpr, G_PAD: tl.constexpr, TQ_PAD: tl.constexpr, BLOCK_M: tl.constexpr,  # BLOCK_M = G_PAD*TQ_PAD
-    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, MINMAX: tl.constexpr,
-    IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):
     h = tl.program_id(0).to(tl.int64)      # KV head
-    blk = tl.program_id(1)                  # block of BLOCK_C chunks
     offs_m = tl.arange(0, BLOCK_M)
     g = offs_m // TQ_PAD                    # group member of each row
     t = offs_m % TQ_PAD                     # query token of each row
     valid_m = (g < G) & (t < Tq)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
-    offs_c = blk * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_dc = mask_d[:, None] & (offs_c < C)[None, :]
     q = tl.load(q_ptr + t[:, None] * stride_qt + (h * G + g)[:, None] * stride_qh + offs_d[None, :],
-                mask=valid_m[:, None] & mask_d[None, :], other=0.0)           # (BLOCK_M, BLOCK_D)
-    mask_dc = mask_d[:, None] & mask_c[None, :]
-    aT = tl.load(a_ptr + h * stride_ah + offs_c[None, :] * stride_ac + offs_d[:, None],
-                 mask=mask_dc, other=0.0)                                      # (BLOCK_D, BLOCK_C)
-    if MINMAX:
-        bT = tl.load(b_ptr + h * stride_bh + offs_c[None, :] * stride_bc + offs_d[:, None],
-                     mask=mask_dc, other=0.0)                                  # (BLOCK_D, BLOCK_C) kmax
-        qf = q.to(tl.float32)
-        q_pos = tl.maximum(qf, 0.0).to(bT.dtype)                               # exact: max with 0
-        q_neg = tl.minimum(qf, 0.0).to(aT.dtype)
-        s = _dot(q_pos, bT, IEEE, UPCAST) + _dot(q_neg, aT, IEEE, UPCAST)      # (BLOCK_M, BLOCK_C)
-        s = tl.where(valid_m[:, None], s, float("-inf"))
-        s3 = tl.reshape(s, (G_PAD, TQ_PAD, BLOCK_C))
-        best = tl.max(tl.max(s3, 1), 0)                                        # (BLOCK_C,) over t, then g
-        tl.store(out_ptr + h * stride_outh + offs_c, best, mask=mask_c)
-    else:
-        s = _dot(q, aT, IEEE, UPCAST) * qk_scale                               # (BLOCK_M, BLOCK_C)
-        s = tl.where(valid_m[:, None] & mask_c[None, :], s, float("-inf"))
-        tl.store(s_ptr + h * stride_sh + offs_m[:, None] * stride_sm + offs_c[None, :], s,
-                 mask=valid_m[:, None] & mask_c[None, :])   # padded rows are never written: pass 2 skips them
-        bmax = tl.max(s, 1)                                                    # (BLOCK_M,)
-        bmax_safe = tl.where(bmax == float("-inf"), 0.0, bmax)
-        bsum = tl.sum(tl.exp2(s - bmax_safe[:, None]), 1)                      # (BLOCK_M,)
-        stats = h * stride_th + blk * stride_tb + offs_m
-        tl.store(bmax_ptr + stats, bmax)
-        tl.store(bsum_ptr + stats, bsum)
+                mask=valid_m[:, None] & mask_d[None, :], other=0.0).to(tl.float32)   # (BLOCK_M, BLOCK_D)
+    at = h * stride_ah + offs_c[None, :] * stride_ac + offs_d[:, None]
+    kminT = tl.load(kmin_ptr + at, mask=mask_dc, other=0.0)                            # (BLOCK_D, BLOCK_C)
+    kmaxT = tl.load(kmax_ptr + at, mask=mask_dc, other=0.0)
+    q_pos = tl.maximum(q, 0.0).to(kmaxT.dtype)                                         # exact: max with 0
+    q_neg = tl.minimum(q, 0.0).to(kminT.dtype)
+    s = _dot(q_pos, kmaxT, IEEE, UPCAST) + _dot(q_neg, kminT, IEEE, UPCAST)            # (BLOCK_M, BLOCK_C)
+    s = tl.where(valid_m[:, None], s, float("-inf"))
+    best = tl.max(tl.max(tl.reshape(s, (G_PAD, TQ_PAD, BLOCK_C)), 1), 0)               # over t, then g
+    tl.store(out_ptr + h * stride_outh + offs_c, best, mask=offs_c < C)
 
 
 @triton.jit
-def _chunk_scores_finish_kernel(
+def _landmark_scores_kernel(
+    q_ptr, stride_qt, stride_qh,            # q (Tq, Hq, D): elements between tokens / heads; D contiguous
+    a_ptr, stride_ah, stride_ac,            # landmarks (Hkv, C, D)
     s_ptr, stride_sh, stride_sm,            # raw scores scratch (Hkv, BLOCK_M, C) fp32, log2 units
-    bmax_ptr, bsum_ptr, stride_th, stride_tb,  # block stats (Hkv, n_blk, BLOCK_M) fp32
+    stat_ptr,                               # (Hkv, P, 2, BLOCK_M) fp32: each program's row max and Σexp2
+    count_ptr,                              # (Hkv, 2) int32, zero between launches: arrived, departed
     out_ptr, stride_outh,                   # scores (Hkv, C) fp32
-    C, n_blk, Tq, span,                     # chunks, stat blocks, query tokens, chunks per program
-    G: tl.constexpr, G_PAD: tl.constexpr, TQ_PAD: tl.constexpr, BLOCK_M: tl.constexpr,  # BLOCK_M = G_PAD * TQ_PAD
-    BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr,
+    Tq, C, D, qk_scale, P, span, max_spins,  # P programs per head, `span` chunks each
+    G: tl.constexpr, G_PAD: tl.constexpr, TQ_PAD: tl.constexpr, BLOCK_M: tl.constexpr,  # BLOCK_M = G_PAD*TQ_PAD
+    BLOCK_C: tl.constexpr, BLOCK_C2: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+    STAGES: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):
     h = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
-    # Row LSE over all chunks from the block stats (log2 units).
+    g = offs_m // TQ_PAD
+    t = offs_m % TQ_PAD
+    valid_m = (g < G) & (t < Tq)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    q = tl.load(q_ptr + t[:, None] * stride_qt + (h * G + g)[:, None] * stride_qh + offs_d[None, :],
+                mask=valid_m[:, None] & mask_d[None, :], other=0.0)                    # (BLOCK_M, BLOCK_D)
+    c_start = p * span
+    c_end = tl.minimum(c_start + span, C)
+    s_rows = s_ptr + h * stride_sh + offs_m[:, None] * stride_sm
+
+    # Phase 1: raw scores of this span to the scratch, and each row's running max / Σexp2 (online softmax).
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l = tl.zeros((BLOCK_M,), tl.float32)
-    for b0 in range(0, n_blk, BLOCK_B):
-        offs_b = b0 + tl.arange(0, BLOCK_B)
-        ptrs = h * stride_th + offs_b[:, None] * stride_tb + offs_m[None, :]
-        mask_b = (offs_b < n_blk)[:, None]
-        bm = tl.load(bmax_ptr + ptrs, mask=mask_b, other=float("-inf"))       # (BLOCK_B, BLOCK_M)
-        bs = tl.load(bsum_ptr + ptrs, mask=mask_b, other=0.0)
-        m_new = tl.maximum(m, tl.max(bm, 0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l = l * tl.exp2(m - m_safe) + tl.sum(bs * tl.exp2(bm - m_safe[None, :]), 0)
-        m = m_new
-    lse = tl.where(l > 0, tl.where(m == float("-inf"), 0.0, m) + tl.log2(tl.where(l > 0, l, 1.0)), 0.0)
-    # Probabilities of this program's chunks, summed over t, max over g, a tile at a time.
-    valid_m = (offs_m // TQ_PAD < G) & (offs_m % TQ_PAD < Tq)
-    c_start = tl.program_id(1) * span
-    for c0 in range(c_start, tl.minimum(c_start + span, C), BLOCK_C):
+    for c0 in tl.range(c_start, c_end, BLOCK_C, num_stages=STAGES):
         offs_c = c0 + tl.arange(0, BLOCK_C)
-        mask_c = offs_c < C
-        s = tl.load(s_ptr + h * stride_sh + offs_m[:, None] * stride_sm + offs_c[None, :],
-                    mask=valid_m[:, None] & mask_c[None, :], other=float("-inf"))  # (BLOCK_M, BLOCK_C)
-        p = tl.exp2(s - lse[:, None])                                          # 0 on padded rows (s = -inf)
-        per_g = tl.sum(tl.reshape(p, (G_PAD, TQ_PAD, BLOCK_C)), 1)             # (G_PAD, BLOCK_C), >= 0
+        mask_c = offs_c < c_end
+        a = tl.load(a_ptr + h * stride_ah + offs_c[:, None] * stride_ac + offs_d[None, :],
+                    mask=mask_c[:, None] & mask_d[None, :], other=0.0)                 # (BLOCK_C, BLOCK_D)
+        s = _dot(q, tl.trans(a), IEEE, UPCAST) * qk_scale                              # (BLOCK_M, BLOCK_C)
+        keep = valid_m[:, None] & mask_c[None, :]
+        s = tl.where(keep, s, float("-inf"))
+        tl.store(s_rows + offs_c[None, :], s, mask=keep)       # padded rows are never written nor read
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
+        m = m_new
+    stats = stat_ptr + (h * P + p) * 2 * BLOCK_M + offs_m
+    tl.store(stats, m)
+    tl.store(stats + BLOCK_M, l)
+
+    # Per-head barrier. The release orders this program's stats and scores before its arrival; the acquire
+    # orders the reads below after everyone's. Bounded, so a grid that was not co-resident cannot hang the
+    # GPU (the launcher sizes the grid so that it is).
+    tl.atomic_add(count_ptr + 2 * h, 1, sem="release")
+    arrived = tl.atomic_add(count_ptr + 2 * h, 0, sem="acquire")
+    spins = 0
+    while (arrived < P) & (spins < max_spins):
+        arrived = tl.atomic_add(count_ptr + 2 * h, 0, sem="acquire")
+        spins += 1
+
+    # Row LSE over every program's (max, Σexp2), BLOCK_P programs at a time. Volatile loads: the stats were
+    # written by other SMs.
+    mx = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    tot = tl.zeros((BLOCK_M,), tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        sp = stat_ptr + (h * P + offs_p[:, None]) * 2 * BLOCK_M + offs_m[None, :]
+        mask_p = (offs_p < P)[:, None]
+        pm = tl.load(sp, mask=mask_p, other=float("-inf"), volatile=True)              # (BLOCK_P, BLOCK_M)
+        pl = tl.load(sp + BLOCK_M, mask=mask_p, other=0.0, volatile=True)
+        mx_new = tl.maximum(mx, tl.max(pm, 0))
+        mx_safe = tl.where(mx_new == float("-inf"), 0.0, mx_new)
+        tot = tot * tl.exp2(mx - mx_safe) + tl.sum(pl * tl.exp2(pm - mx_safe[None, :]), 0)
+        mx = mx_new
+    lse = tl.where(mx == float("-inf"), 0.0, mx) + tl.log2(tl.where(tot > 0, tot, 1.0))
+    # The last program of the head to leave resets both counters for the next launch: by then all have
+    # passed the wait, so none reads the arrival count again.
+    if tl.atomic_add(count_ptr + 2 * h + 1, 1, sem="acq_rel") == P - 1:
+        tl.atomic_xchg(count_ptr + 2 * h, 0)
+        tl.atomic_xchg(count_ptr + 2 * h + 1, 0)
+
+    # Phase 2: this span's probabilities, summed over t, max over g (its own scores, back from L2).
+    for c0 in range(c_start, c_end, BLOCK_C2):
+        offs_c = c0 + tl.arange(0, BLOCK_C2)
+        mask_c = offs_c < c_end
+        s = tl.load(s_rows + offs_c[None, :], mask=valid_m[:, None] & mask_c[None, :], other=float("-inf"))
+        prob = tl.exp2(s - lse[:, None])                                               # 0 on padded rows
+        per_g = tl.sum(tl.reshape(prob, (G_PAD, TQ_PAD, BLOCK_C2)), 1)                 # (G_PAD, BLOCK_C2)
         tl.store(out_ptr + h * stride_outh + offs_c, tl.max(per_g, 0), mask=mask_c)
 
 
@@ -144,6 +180,8 @@ def chunk_scores(q, landmarks=None, *, kmin=None, kmax=None, sm_scale: float | N
 
     Returns:
         (Hkv, C) fp32 scores.
+
+    Landmark calls on one device share a barrier counter, so they must not run concurrently on two streams.
     """
     check(q.dim() == 3, f"q must be (Tq, Hq, D), got {tuple(q.shape)}")
     minmax = landmarks is None
@@ -155,6 +193,8 @@ def chunk_scores(q, landmarks=None, *, kmin=None, kmax=None, sm_scale: float | N
     for x in abstracts:
         check(x.dim() == 3 and x.shape == (Hkv, C, D), f"abstract {tuple(x.shape)}: want (Hkv, C, D={D})")
         check(x.dtype == q.dtype, f"abstract dtype {x.dtype} != q dtype {q.dtype}")
+    if minmax:
+        check(kmin.stride() == kmax.stride(), "kmin and kmax must have the same strides")
     check(Hq % Hkv == 0, f"Hq={Hq} is not a multiple of Hkv={Hkv}")
     G = Hq // Hkv
     if out is None:
@@ -173,36 +213,74 @@ def chunk_scores(q, landmarks=None, *, kmin=None, kmax=None, sm_scale: float | N
         TQ_PAD *= 2
     BLOCK_M = G_PAD * TQ_PAD
     check(BLOCK_M <= 256, f"G*Tq padded = {BLOCK_M} query rows per group: at most 256")
-    # GPU tiles: landmark (BLOCK_M, 128) unless many rows; min/max reads two abstracts, so half as many chunks
-    BLOCK_C = 32 if interpreting() else (TILE["landmark_chunks"] if BLOCK_M <= 32 and not minmax else 64)
-    n_blk = -(-C // BLOCK_C)
-    a, b = (kmin, kmax) if minmax else (landmarks, landmarks)
-    if minmax:   # scratch is unused: pass `out` in its place
-        scratch, bmax, bsum = out.view(Hkv, 1, C), out.view(Hkv, 1, C), out.view(Hkv, 1, C)
-    else:
-        scratch = torch.empty((Hkv, BLOCK_M, C), dtype=torch.float32, device=q.device)
-        bmax = torch.empty((Hkv, n_blk, BLOCK_M), dtype=torch.float32, device=q.device)
-        bsum = torch.empty_like(bmax)
+    shape = dict(G=G, G_PAD=G_PAD, TQ_PAD=TQ_PAD, BLOCK_M=BLOCK_M, BLOCK_D=max(16, next_pow2(D)), **dot_flags(q.dtype))
     KERNEL_CALLS["chunk_scores"] += 1
-    _chunk_scores_kernel[(Hkv, n_blk)](
-        q, q.stride(0), q.stride(1),
-        a, a.stride(0), a.stride(1), b, b.stride(0), b.stride(1),
-        out, out.stride(0), scratch, scratch.stride(0), scratch.stride(1),
-        bmax, bsum, bmax.stride(0), bmax.stride(1),
-        Tq, C, D, scale * 1.4426950408889634,
-        G=G, G_PAD=G_PAD, TQ_PAD=TQ_PAD, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, BLOCK_D=max(16, next_pow2(D)), MINMAX=minmax,
-        **dot_flags(q.dtype), num_warps=TILE["warps"] if BLOCK_M <= 64 else 8,
-    )
-    if not minmax:
-        # Each pass-2 program re-reads every block's stats to form its rows' LSE, then scores `span` chunks a
-        # tile at a time: about two programs per SM in all, not one per tile (at 128K chunks the re-reads of a
-        # program per tile outweighed the scores themselves).
-        BLOCK_C2 = max(32, 8192 // BLOCK_M) if not interpreting() else 64
-        per_head = 2 if interpreting() else -(-(2 * n_sms(q.device)) // Hkv)
-        span = -(-C // (per_head * BLOCK_C2)) * BLOCK_C2
-        _chunk_scores_finish_kernel[(Hkv, -(-C // span))](
-            scratch, scratch.stride(0), scratch.stride(1), bmax, bsum, bmax.stride(0), bmax.stride(1),
-            out, out.stride(0), C, n_blk, Tq, span,
-            G=G, G_PAD=G_PAD, TQ_PAD=TQ_PAD, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C2, BLOCK_B=32, num_warps=4,
-        )
+    if minmax:
+        BLOCK_C = 32 if interpreting() else 64
+        _minmax_scores_kernel[(Hkv, -(-C // BLOCK_C))](
+            q, q.stride(0), q.stride(1), kmin, kmax, kmin.stride(0), kmin.stride(1), out, out.stride(0),
+            Tq, C, D, BLOCK_C=BLOCK_C, **shape, num_warps=8)
+        return out
+    _landmark_scores(q, landmarks, out, Hkv, C, D, scale, shape)
     return out
+
+
+def _landmark_scores(q, landmarks, out, Hkv, C, D, scale, shape):
+    BLOCK_M = shape["BLOCK_M"]
+    if interpreting():     # programs run one after another: one per head, or the first would wait forever
+        tile = dict(BLOCK_C=32, STAGES=1, num_warps=4)
+        per_head = 1
+    else:
+        tile = dict(BLOCK_C=TILE["block_c"] if BLOCK_M <= 32 else 32, STAGES=TILE["stages"],
+                    num_warps=TILE["warps"] if BLOCK_M <= 32 else 8)
+        per_head = min(TILE["per_sm"] * n_sms(q.device) // Hkv, -(-C // tile["BLOCK_C"]))
+    tile.update(BLOCK_C2=max(32, 4096 // BLOCK_M), BLOCK_P=32, **shape)
+    scratch = torch.empty((Hkv, BLOCK_M, C), dtype=torch.float32, device=q.device)
+    stats = torch.empty((Hkv, max(per_head, 1), 2, BLOCK_M), dtype=torch.float32, device=q.device)
+
+    def args(per_head):
+        span = -(-C // (per_head * tile["BLOCK_C"])) * tile["BLOCK_C"]
+        return (q, q.stride(0), q.stride(1), landmarks, landmarks.stride(0), landmarks.stride(1),
+                scratch, scratch.stride(0), scratch.stride(1), stats, _counters(q.device, Hkv), out, out.stride(0),
+                q.shape[0], C, D, scale * 1.4426950408889634, -(-C // span), span, 1 << 22)
+
+    if not interpreting():
+        # Every program of the grid must be resident at once (they wait for each other): at most what the
+        # compiled kernel's registers and shared memory allow per SM.
+        key = (q.device, q.dtype, tuple(sorted(tile.items())))
+        if key not in _RESIDENT:
+            kernel = _landmark_scores_kernel.warmup(*args(max(per_head, 1)), grid=(1,), **tile)
+            _RESIDENT[key] = _resident(q.device, kernel, tile["num_warps"])
+        per_head = min(per_head, _RESIDENT[key] * n_sms(q.device) // Hkv)
+        check(per_head >= 1, f"landmark scoring: {Hkv} programs cannot all be resident on {q.device}")
+    launch = args(per_head)
+    _landmark_scores_kernel[(Hkv, launch[-3])](*launch, **tile)
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_RESIDENT: dict[tuple, int] = {}
+
+
+def _counters(device: torch.device, heads: int) -> torch.Tensor:
+    """The device's barrier counters, (heads, 2) int32, zero between launches (each launch leaves them so).
+    One buffer per device, grown when more heads come: a static address, as CUDA graph replays need."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < 2 * heads:
+        buf = _COUNTERS[device] = torch.zeros(2 * max(heads, 64), dtype=torch.int32, device=device)
+    return buf
+
+
+def _resident(device: torch.device, kernel, warps: int) -> int:
+    """Programs of a compiled kernel that fit on one SM at once, by registers, shared memory and threads."""
+    props = torch.cuda.get_device_properties(device)
+    try:
+        kernel._init_handles()                  # loads the binary: the register count is known from then on
+        n_regs = kernel.n_regs or 255
+    except Exception:  # noqa: BLE001 (another Triton's internals: assume the most a thread can use)
+        n_regs = 255
+    by_regs = getattr(props, "regs_per_multiprocessor", 65536) // (n_regs * 32 * warps)
+    shared = kernel.metadata.shared
+    smem = getattr(props, "shared_memory_per_multiprocessor", 100 * 1024)
+    by_smem = smem // (shared + 1024) if shared else 32          # the driver reserves 1 KB per block
+    by_threads = getattr(props, "max_threads_per_multi_processor", 1536) // (32 * warps)
+    return max(0, min(by_regs, by_smem, by_threads, 32))
