@@ -1,10 +1,11 @@
 """Probe (development aid): where a ShadowKV decode step of the Llama-3.1-8B shape spends its time (profiler).
 
-    python scripts/probe_shadowkv.py [--ctx 32768] [--graphs]
+    python scripts/probe_shadowkv.py [--ctx 32768] [--graphs] [--index-tier cpu]
 
 Synthesizes the context into the tiers, runs a few decode steps, then profiles five: CUDA kernels launched per
 step, GPU time against wall time, the top host-side ops and the top kernels. ``--graphs`` decodes through
-CUDA graphs (`localkv.runtime.graphs`), as `localkv run` does.
+CUDA graphs (`localkv.runtime.graphs`), as `localkv run` does. ``--index-tier cpu`` keeps U and the
+landmarks in pinned CPU memory (`ShadowKVConfig.index_tier`; such steps run eagerly).
 """
 import argparse
 import time
@@ -22,11 +23,12 @@ from localkv.runtime.graphs import DecodeGraphs
 ap = argparse.ArgumentParser()
 ap.add_argument("--ctx", type=int, default=32768)
 ap.add_argument("--graphs", action="store_true")
+ap.add_argument("--index-tier", default="gpu", choices=["gpu", "cpu"])
 a = ap.parse_args()
 args = shape_args("llama3-8b")
 model = random_model(args, "cuda", torch.bfloat16)
 cache = make_cache("shadowkv", args, a.ctx + 64, device="cuda", dtype=torch.bfloat16,
-                   budgets=Budgets(2 * 2**30, 64 * 2**30, None))
+                   budgets=Budgets(2 * 2**30, 64 * 2**30, None), index_tier=a.index_tier)
 with torch.inference_mode():
     synth_fill(cache, args, a.ctx, device="cuda", dtype=torch.bfloat16)
     tok = torch.tensor([1], device="cuda")
@@ -39,6 +41,13 @@ with torch.inference_mode():
     for _ in range(3):
         step()
     torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        step()
+    torch.cuda.synchronize()
+    print(f"ctx {a.ctx}, index on {a.index_tier}: {1e2 * (time.perf_counter() - t):.1f} ms/step over 10 steps "
+          f"(no profiler); index on the GPU {cache.stats()['index_device_bytes'] / 1e9:.2f} GB, "
+          f"on the host {cache.stats()['index_host_bytes'] / 1e9:.2f} GB", flush=True)
     t = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(5):

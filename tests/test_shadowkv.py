@@ -363,9 +363,10 @@ def test_smollm2_follows_exact_attention(smollm2_gguf):
     assert top1 >= 0.8 and kl < 0.1, (top1, kl)
 
 
-def test_planner_counts_the_index_and_refuses_what_cannot_fit():
-    """The planner takes ShadowKV's device index off the GPU budget, and refuses a context whose index alone
-    passes it (1M tokens of an 8B model beside its weights on a 24 GB card), naming the index."""
+def test_planner_counts_the_index_and_refuses_what_cannot_fit(monkeypatch):
+    """The planner takes ShadowKV's device index off the GPU budget. Where it cannot fit (1M tokens of an 8B
+    model beside its weights on a 24 GB card), a CUDA plan moves U and the landmarks to pinned CPU memory,
+    and refuses only when that cannot hold them either, naming the index."""
     from localkv.bench.shapes import shape_args
     from localkv.errors import ContextOverflowError
     from localkv.offload.planner import make_plan
@@ -382,3 +383,16 @@ def test_planner_counts_the_index_and_refuses_what_cannot_fit():
     with pytest.raises(ContextOverflowError, match="shadowkv index"):
         make_plan(args, 1 << 20, policy="shadowkv", device="cpu", kv_dtype=torch.bfloat16,
                   weights_bytes=0, gpu_mem=8 * 2**30, cpu_mem=64 * 2**30)
+
+    from localkv.offload import planner
+    from localkv.offload.policies.shadowkv import host_part_bytes
+
+    monkeypatch.setattr(planner, "machine_budgets", lambda *a: (0, 0, 0))   # no GPU here: budgets given below
+    u, landmarks = host_part_bytes(args, 1 << 20, 2)
+    assert 18e9 < u + landmarks < 21e9     # 10.7 GB of U rows at rank 160, 8.6 GB of landmarks
+    kw = dict(policy="shadowkv", device="cuda", kv_dtype=torch.bfloat16, weights_bytes=0, gpu_mem=6 * 2**30)
+    plan = make_plan(args, 1 << 20, cpu_mem=100 * 2**30, disk_mem=100 * 2**30, disk="/tmp/unused", **kw)
+    assert plan.cpu.budget == 100 * 2**30 - u - landmarks
+    assert any("pinned CPU memory" in note for note in plan.notes)
+    with pytest.raises(ContextOverflowError, match="shadowkv index"):
+        make_plan(args, 1 << 20, cpu_mem=16 * 2**30, **kw)

@@ -32,15 +32,18 @@ def _budgets(args, dtype, tmp_path, gpu_pages, cpu_pages, disk):
     return Budgets(gpu_pages * page_bytes, cpu_pages * page_bytes, tmp_path if disk else None)
 
 
-@pytest.mark.parametrize("gpu_pages,cpu_pages,disk", [(None, None, False), (2, 100, False), (2, 3, True)])
-def test_cuda_decode_equals_the_cpu_reference(tmp_path, gpu_pages, cpu_pages, disk):
+@pytest.mark.parametrize("gpu_pages,cpu_pages,disk,index_tier", [
+    (None, None, False, "gpu"), (2, 100, False, "gpu"), (2, 3, True, "gpu"), (2, 100, False, "cpu")])
+def test_cuda_decode_equals_the_cpu_reference(tmp_path, gpu_pages, cpu_pages, disk, index_tier):
+    """index_tier="cpu": U and the landmarks in pinned CPU memory, read by the kernels over PCIe."""
     ids = torch.randint(0, 100, (700,))
     outs = []
     for device in ("cpu", "cuda"):
         model, args = _model(device, torch.float32)
         budgets = None if gpu_pages is None else _budgets(args, torch.float32, tmp_path / device, gpu_pages,
                                                            cpu_pages, disk)
-        cache = make_cache("shadowkv", args, 1024, device=device, dtype=torch.float32, budgets=budgets, **OPTS)
+        cache = make_cache("shadowkv", args, 1024, device=device, dtype=torch.float32, budgets=budgets,
+                           index_tier=index_tier, **OPTS)
         x = ids.to(device)
         with torch.inference_mode():
             out = [model(x[:260], cache, all_logits=True), model(x[260:520], cache, all_logits=True)]
@@ -50,6 +53,11 @@ def test_cuda_decode_equals_the_cpu_reference(tmp_path, gpu_pages, cpu_pages, di
         outs.append(torch.cat(out).cpu())
         if device == "cuda" and cpu_pages:
             assert cache.stats()["fetched_bytes_per_token"]["cpu"] > 0
+        if device == "cuda" and index_tier == "cpu":
+            stats = cache.stats()
+            assert stats["index_tier"] == "cpu" and stats["index_host_bytes"] > 0
+            assert cache.layers[0].lowrank.u.is_pinned() and cache.layers[0].index.landmarks.is_pinned()
+            assert cache.static_view(0, torch.zeros(1, dtype=torch.int32, device=device)) is None  # eager steps
     scale = outs[0].abs().max()
     assert (outs[0] - outs[1]).abs().max() <= 1e-3 * scale
 

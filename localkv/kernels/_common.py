@@ -63,14 +63,19 @@ KERNEL_CALLS: Counter[str] = Counter()
 """Triton launches per op name; tests read it to prove the kernel path ran, not the reference."""
 
 
-def use_triton(*tensors: torch.Tensor | None) -> bool:
-    """Whether a launcher should run its Triton kernel for these tensors (``None`` entries are ignored)."""
+def use_triton(*tensors: torch.Tensor | None, host: tuple = ()) -> bool:
+    """Whether a launcher should run its Triton kernel for these tensors (``None`` entries are ignored).
+
+    ``host`` names tensors the kernel may read in place from pinned CPU memory, over PCIe (ShadowKV's index
+    when the GPU has no room for it), as long as the others are on the GPU."""
     if not HAS_TRITON or os.environ.get("LOCALKV_KERNELS", "") == "ref":
         return False
     if interpreting():
         return True
     present = [t for t in tensors if t is not None]
-    return bool(present) and all(t.is_cuda for t in present)
+    readable = [t for t in host if t is not None]
+    return (bool(present) and all(t.is_cuda for t in present)
+            and all(t.is_cuda or t.is_pinned() for t in readable))
 
 
 def next_pow2(n: int) -> int:

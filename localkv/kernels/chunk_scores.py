@@ -175,6 +175,7 @@ def chunk_scores(q, landmarks=None, *, kmin=None, kmax=None, sm_scale: float | N
         q: (Tq, Hq, D) queries (post-RoPE), fp32/fp16/bf16.
         landmarks: (Hkv, C, D) mean keys per chunk -> summed softmax probabilities (give this, or kmin+kmax).
         kmin, kmax: (Hkv, C, D) elementwise min / max key per chunk -> unscaled upper bound of q·k.
+            The abstracts may be in pinned CPU memory when q is on a GPU: the kernel reads them over PCIe.
         sm_scale: landmark softmax scale, default 1/sqrt(D).
         out: optional contiguous (Hkv, C) fp32 buffer.
 
@@ -202,8 +203,9 @@ def chunk_scores(q, landmarks=None, *, kmin=None, kmax=None, sm_scale: float | N
     check(out.shape == (Hkv, C) and out.dtype == torch.float32 and out.is_contiguous(),
           "out must be a contiguous fp32 (Hkv, C) tensor")
     scale = sm_scale if sm_scale is not None else D ** -0.5
-    if not use_triton(q, *abstracts, out):
-        out.copy_(chunk_scores_ref(q, landmarks, kmin=kmin, kmax=kmax, sm_scale=scale))
+    if not use_triton(q, out, host=tuple(abstracts)):   # abstracts may be pinned host memory, read in place
+        host = [x.to(q.device) if x is not None else None for x in (landmarks, kmin, kmax)]
+        out.copy_(chunk_scores_ref(q, host[0], kmin=host[1], kmax=host[2], sm_scale=scale))
         return out
     if C == 0:
         return out

@@ -80,7 +80,8 @@ def lowrank_rope_ref(u, sv, idx, cos, sin, out, *, pos=None, chunk_tokens: int =
     D = sv.shape[2]
     tok = (idx.long()[:, :, None] * chunk_tokens
            + torch.arange(chunk_tokens, device=idx.device)).reshape(Hkv, -1)   # (Hkv, n_sel*chunk)
-    k = torch.bmm(u[tok].float(), sv.float())                                  # (Hkv, n_sel*chunk, D)
+    rows = u[tok.to(u.device)].to(sv.device)                                   # u may be on the host
+    k = torch.bmm(rows.float(), sv.float())                                    # (Hkv, n_sel*chunk, D)
     p = pos.long()[tok] if pos is not None else tok
     c, s = cos[p].float(), sin[p].float()                                      # (Hkv, n_sel*chunk, D)
     k1, k2 = k[..., : D // 2], k[..., D // 2:]
@@ -92,7 +93,8 @@ def lowrank_rope(u, sv, idx, cos, sin, out, *, pos=None, chunk_tokens: int = 8):
     """Rebuild the RoPE'd keys of selected chunks from ShadowKV's low-rank factors, into ``out``.
 
     Args:
-        u: (S, r) left factor, one row per token (fp32/fp16/bf16).
+        u: (S, r) left factor, one row per token (fp32/fp16/bf16); may be in pinned CPU memory when the rest
+            is on a GPU (the kernel reads the selected rows over PCIe).
         sv: (Hkv, r, D) right factor per KV head, same dtype as u, any strides.
         idx: (Hkv, n_sel) int32/int64 chunk ids (chunk c = token rows c*chunk .. c*chunk+chunk-1 of u).
         cos, sin: (P, D) RoPE tables indexed by absolute position (rotate-half layout), any float dtype.
@@ -117,7 +119,7 @@ def lowrank_rope(u, sv, idx, cos, sin, out, *, pos=None, chunk_tokens: int = 8):
           f"out {tuple(out.shape)}: want (Hkv={Hkv}, >= {n_sel * chunk_tokens}, D={D})")
     check(out.stride(2) == 1, "out: last dim must be contiguous")
     check(pos is None or (pos.dim() == 1 and pos.shape[0] == u.shape[0]), "pos must be (S,)")
-    if not use_triton(u, sv, idx, cos, sin, out, pos):
+    if not use_triton(sv, idx, cos, sin, out, pos, host=(u,)):
         lowrank_rope_ref(u, sv, idx, cos, sin, out[:, : n_sel * chunk_tokens], pos=pos, chunk_tokens=chunk_tokens)
         return out
     if n_sel == 0:

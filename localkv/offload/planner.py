@@ -139,15 +139,22 @@ def make_plan(args: ModelArgs, ctx_tokens: int, *, model: str = "model", policy:
     disk_budget = 0
     if disk_dir is not None:
         disk_budget = disk_mem if disk_mem is not None else machine_budgets(device, weights, disk_dir)[2]
-    index_bytes = 0
+    index_bytes = host_index = host_landmarks = 0
     if policy == "shadowkv":  # its index (low-rank keys, landmarks) lives on the GPU before any page does
-        from .policies.shadowkv import plan_bytes
+        from .policies.shadowkv import host_part_bytes, plan_bytes
 
         index_bytes, step_bytes = plan_bytes(args, ctx_tokens, elt)
-        if index_bytes > gpu_budget:
+        if index_bytes > gpu_budget and device.type == "cuda":
+            # U and the landmarks go to pinned CPU memory, read in place (ShadowKVConfig.index_tier)
+            host_u, host_landmarks = host_part_bytes(args, ctx_tokens, elt)
+            host_index = host_u + host_landmarks
+            index_bytes -= host_index
+            cpu_budget -= host_index
+        if index_bytes > gpu_budget or cpu_budget < 0:
             raise ContextOverflowError(
                 f"the shadowkv index of a {format_tokens(ctx_tokens)}-token context needs "
-                f"{format_bytes(index_bytes)} of GPU memory, more than the {format_bytes(gpu_budget)} there is")
+                f"{format_bytes(index_bytes)} of GPU memory and {format_bytes(host_index)} of CPU memory, more "
+                f"than the {format_bytes(gpu_budget)} / {format_bytes(cpu_budget + host_index)} there is")
         gpu_budget -= index_bytes
 
     plan = Plan(model=model, ctx_tokens=ctx_tokens, policy=policy, kv_dtype=str(kv_dtype).removeprefix("torch."),
@@ -172,9 +179,12 @@ def make_plan(args: ModelArgs, ctx_tokens: int, *, model: str = "model", policy:
     plan.ms_per_token = 1e3 * (weights / bw.hbm + plan.gpu.bytes / bw.hbm + offload_s)
     if policy == "shadowkv":
         link = bw.h2d if plan.gpu.tokens < ctx_tokens and device.type == "cuda" else bw.hbm
-        plan.ms_per_token = 1e3 * (weights / bw.hbm + index_bytes / 8 / bw.hbm + step_bytes / link)
-        plan.notes.append(f"shadowkv keeps {format_bytes(index_bytes)} of index on the GPU (low-rank keys, "
-                          f"landmarks) and reads {format_bytes(step_bytes)} of values a step at full context "
+        host_step = host_landmarks / bw.h2d     # a host index: every landmark crosses PCIe each step
+        plan.ms_per_token = 1e3 * (weights / bw.hbm + index_bytes / 8 / bw.hbm + step_bytes / link + host_step)
+        where = (f"on the GPU and {format_bytes(host_index)} (low-rank keys, landmarks) in pinned CPU memory, "
+                 f"read over PCIe each step" if host_index else "on the GPU (low-rank keys, landmarks)")
+        plan.notes.append(f"shadowkv keeps {format_bytes(index_bytes)} of index {where}, and reads "
+                          f"{format_bytes(step_bytes)} of values a step at full context "
                           f"(fewer with chunks reused from the step before)")
     if ctx_tokens > args.max_seq_len:
         plan.notes.append(f"the model was trained on {args.max_seq_len:,} tokens; past that its answers may degrade")

@@ -73,6 +73,10 @@ class ShadowKVConfig:
     """Slots of the per-layer chunk buffer, per selected chunk: the room for hits from earlier steps."""
     block_tokens: int = 256
     """Tokens per block of the low-rank basis's refresh rule."""
+    index_tier: str | None = None
+    """Where U and the landmarks live: "gpu", or "cpu" (pinned memory the GPU reads in place each step, for a
+    context whose index does not fit beside the weights: ~1M tokens of an 8B model on 24 GB). None: "gpu"
+    if the GPU has room for them, else "cpu"."""
     measure_recall: bool = False
     """Also measure ``attention_recall`` (keeps every rotated key aside on the device: for evaluation only)."""
     page_tokens: int = 256
@@ -88,6 +92,8 @@ class ShadowKVConfig:
             raise UserError(f"page_tokens ({self.page_tokens}) must be a multiple of chunk_tokens ({C})")
         if isinstance(self.budget, float) and self.budget <= 0 or isinstance(self.budget, int) and self.budget < 0:
             raise UserError(f"budget must be positive, got {self.budget}")
+        if self.index_tier not in (None, "gpu", "cpu"):
+            raise UserError(f"index_tier must be 'gpu' or 'cpu', got {self.index_tier!r}")
         if self.rank is not None and self.rank < 1 or self.rank_energy is not None and not 0 < self.rank_energy <= 1:
             raise UserError("rank must be >= 1 and rank_energy in (0, 1]")
         self.sink_tokens = -(-self.sink_tokens // C) * C
@@ -148,6 +154,26 @@ def plan_bytes(args: ModelArgs, ctx_tokens: int, elt: int) -> tuple[int, int]:
     return index, step
 
 
+def host_part_bytes(args: ModelArgs, ctx_tokens: int, elt: int) -> tuple[int, int]:
+    """(U bytes, landmark bytes) at ``ctx_tokens`` under the default options: what ``index_tier="cpu"`` moves
+    to the host."""
+    from .shadowkv_lowrank import default_rank
+
+    cols, per_layer = args.n_kv_heads * args.head_dim, args.n_layers * ctx_tokens * elt
+    return (int(per_layer * default_rank(args.n_kv_heads, args.head_dim)),
+            int(per_layer * cols / ShadowKVConfig.chunk_tokens))
+
+
+def _host_index_needed(args: ModelArgs, capacity: int, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether U and the landmarks of ``capacity`` tokens would take more than half the GPU memory this
+    process has left (under its memory fraction, when one is set): then they go to pinned CPU memory."""
+    free, total = torch.cuda.mem_get_info(device)
+    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    if get_fraction is not None:
+        free = min(free, int(get_fraction(device) * total) - torch.cuda.memory_reserved(device))
+    return sum(host_part_bytes(args, capacity, dtype.itemsize)) > free // 2
+
+
 class ShadowKV(KVCache):
     """Sparse attention over low-rank keys and fetched values, the KV in the tiered store."""
 
@@ -166,6 +192,9 @@ class ShadowKV(KVCache):
         self.store = KVStore(geometry, budgets, device)
         self.reader = BlockReader(self.store, block_pages=cfg.block_pages, ring_blocks=cfg.ring_blocks)
         self.tables = RopeTable(Rope(args, device), dtype, capacity)
+        self.index_host = device.type == "cuda" and (
+            cfg.index_tier == "cpu" or cfg.index_tier is None and _host_index_needed(args, capacity, device, dtype))
+        """U and the landmarks in pinned CPU memory (`ShadowKVConfig.index_tier`)."""
         self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
         """The stream value fetches run on, overlapping the key rebuild."""
         self.moved = torch.zeros(3, dtype=torch.long, device=device)   # chunks read per tier (device/CPU/disk)
@@ -216,6 +245,7 @@ class ShadowKV(KVCache):
         moved = (self.moved * chunk_bytes).tolist()
         per_token = max(1, self.decode_tokens)
         index_bytes = sum(lay.device_bytes() for lay in self.layers) + 2 * self.tables.cos.numel() * g.dtype.itemsize
+        host_bytes = sum(lay.host_bytes() for lay in self.layers)
         ranks = [lay.lowrank.rank for lay in self.layers]
         errors = [lay.lowrank.error() for lay in self.layers]
         hits = int(self.hits)
@@ -232,6 +262,8 @@ class ShadowKV(KVCache):
             "basis_refreshes": sum(lay.lowrank.refreshes for lay in self.layers),
             "outliers": sum(lay.index.outliers.shape[1] for lay in self.layers) / len(self.layers),
             "index_device_bytes": index_bytes,
+            "index_tier": "cpu" if self.index_host else "gpu",
+            "index_host_bytes": host_bytes,
         }
         if cfg.measure_recall:
             total, rows = self.recall.tolist()

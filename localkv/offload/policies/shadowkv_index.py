@@ -51,14 +51,16 @@ class ChunkIndex:
     """Landmarks, coherence and the exclusion mask of one layer's sealed chunks (positions below ``sealed``)."""
 
     def __init__(self, n_kv_heads: int, head_dim: int, chunk_tokens: int, sink_chunks: int, *,
-                 dtype: torch.dtype, device: torch.device, capacity_chunks: int):
+                 dtype: torch.dtype, device: torch.device, capacity_chunks: int, host: bool = False):
         self.Hkv, self.D, self.C = n_kv_heads, head_dim, chunk_tokens
+        self.host = host and device.type == "cuda"
+        """Landmarks in pinned CPU memory, scored by the GPU in place (`kernels.chunk_scores`)."""
         self.sink_chunks = sink_chunks
         self.dtype, self.device = dtype, device
         self.capacity = capacity_chunks
         self.chunks = 0
         """Sealed chunks: 0..chunks-1 have landmarks."""
-        self.landmarks = torch.empty(n_kv_heads, 0, head_dim, dtype=dtype, device=device)  # (Hkv, alloc, D)
+        self.landmarks = self._landmark_buffer(0)                                          # (Hkv, alloc, D)
         self.coherence = torch.empty(n_kv_heads, 0, device=device)                         # (Hkv, alloc) fp32
         self.excluded = torch.empty(n_kv_heads, 0, dtype=torch.bool, device=device)        # sink + outliers
         self.outliers = torch.empty(n_kv_heads, 0, dtype=torch.long, device=device)        # (Hkv, n_out) sorted
@@ -70,14 +72,19 @@ class ChunkIndex:
         size = max(256, size)
         while size < n:
             size *= 2
-        size = min(max(size, n), self.capacity)
-        Hkv, D = self.Hkv, self.D
-        lm = torch.zeros(Hkv, size, D, dtype=self.dtype, device=self.device)
+        size = self.capacity if self.host else min(max(size, n), self.capacity)  # pinned memory: sized once
+        Hkv = self.Hkv
+        lm = self._landmark_buffer(size)
         coh = torch.full((Hkv, size), float("inf"), device=self.device)
         ex = torch.zeros(Hkv, size, dtype=torch.bool, device=self.device)
         old = self.landmarks.shape[1]
         lm[:, :old], coh[:, :old], ex[:, :old] = self.landmarks, self.coherence, self.excluded
         self.landmarks, self.coherence, self.excluded = lm, coh, ex
+
+    def _landmark_buffer(self, size: int) -> torch.Tensor:
+        if self.host:
+            return torch.zeros(self.Hkv, size, self.D, dtype=self.dtype, pin_memory=True)
+        return torch.zeros(self.Hkv, size, self.D, dtype=self.dtype, device=self.device)
 
     def seal(self, keys: torch.Tensor) -> None:
         """Add the chunks ``chunks ..`` from their rotated keys (Hkv, m*C, D)."""
@@ -85,7 +92,7 @@ class ChunkIndex:
         c0 = self.chunks
         self._grow(c0 + m)
         lm, coh = chunk_landmarks(keys, self.C)
-        self.landmarks[:, c0:c0 + m] = lm
+        self.landmarks[:, c0:c0 + m] = lm.to(self.landmarks.device)
         self.coherence[:, c0:c0 + m] = coh
         sink = max(0, min(self.sink_chunks, c0 + m) - c0)  # sink chunks: exact, never outliers or selected
         self.coherence[:, c0:c0 + sink] = float("inf")
@@ -114,5 +121,8 @@ class ChunkIndex:
         self.outliers = ids
 
     def device_bytes(self) -> int:
-        held = (self.landmarks, self.coherence, self.excluded, self.outliers)
+        held = (self.coherence, self.excluded, self.outliers) + (() if self.host else (self.landmarks,))
         return sum(t.numel() * t.element_size() for t in held)
+
+    def host_bytes(self) -> int:
+        return self.landmarks.numel() * self.landmarks.element_size() if self.host else 0

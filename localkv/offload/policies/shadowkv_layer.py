@@ -43,9 +43,11 @@ class ShadowKVLayer:
         self.chunks = StoreChunks(store, layer, self.C)
         self.lowrank = LowRankKeys(self.Hkv, self.D, dtype=self.dtype, device=self.device, capacity=cache.capacity,
                                    read_keys=self._read_keys, rank=cfg.rank, rank_energy=cfg.rank_energy,
-                                   refresh_error=cfg.refresh_error, block_tokens=cfg.block_tokens)
+                                   refresh_error=cfg.refresh_error, block_tokens=cfg.block_tokens,
+                                   host=cache.index_host)
         self.index = ChunkIndex(self.Hkv, self.D, self.C, cfg.sink_tokens // self.C, dtype=self.dtype,
-                                device=self.device, capacity_chunks=-(-cache.capacity // self.C))
+                                device=self.device, capacity_chunks=-(-cache.capacity // self.C),
+                                host=cache.index_host)
         self.buffer = ChunkBuffer(self.Hkv, self.C, self.D, dtype=self.dtype, device=self.device,
                                   slot_factor=cfg.slot_factor)
         self.n = 0
@@ -308,3 +310,7 @@ class ShadowKVLayer:
         held = [self.dense_k, self.dense_v] + ([self.all_k] if self.all_k is not None else [])
         return (self.lowrank.device_bytes() + self.index.device_bytes() + self.buffer.device_bytes()
                 + sum(t.numel() * t.element_size() for t in held))
+
+    def host_bytes(self) -> int:
+        """Bytes of the index in pinned CPU memory (U and landmarks, when the GPU has no room for them)."""
+        return self.lowrank.host_bytes() + self.index.host_bytes()

@@ -48,8 +48,10 @@ class LowRankKeys:
 
     def __init__(self, n_kv_heads: int, head_dim: int, *, dtype: torch.dtype, device: torch.device,
                  capacity: int, read_keys: KeyReader, rank: int | None = None, rank_energy: float | None = None,
-                 refresh_error: float = 0.1, block_tokens: int = 256):
+                 refresh_error: float = 0.1, block_tokens: int = 256, host: bool = False):
         self.Hkv, self.D = n_kv_heads, head_dim
+        self.host = host and device.type == "cuda"
+        """U in pinned CPU memory, its rows read by the GPU in place (`kernels.lowrank_rope`)."""
         self.cols = n_kv_heads * head_dim
         self.dtype, self.device, self.capacity = dtype, device, capacity
         self.read_keys = read_keys
@@ -113,6 +115,7 @@ class LowRankKeys:
         """U rows of ``piece (t, cols)`` at ``pos`` (an int, or a (t,) device tensor), and its reconstruction sums."""
         c = piece @ self.basis                                 # (t, r) coordinates
         if isinstance(pos, torch.Tensor):
+            assert not self.host, "a host U is written by the host: no graphed steps over it"
             self.u.index_copy_(0, pos, c.to(self.dtype))
         else:
             self.u[pos:pos + piece.shape[0]] = c.to(self.dtype)
@@ -185,10 +188,12 @@ class LowRankKeys:
         if self.basis is None:
             return
         if self.u is None or self.u.shape[0] < n:
-            size = max(1024, self.u.shape[0] if self.u is not None else 0)
+            size = self.capacity if self.host else max(1024, self.u.shape[0] if self.u is not None else 0)
             while size < n:
                 size *= 2
-            u = torch.zeros(min(max(size, n), self.capacity), self.rank, dtype=self.dtype, device=self.device)
+            shape = (min(max(size, n), self.capacity), self.rank)
+            u = (torch.zeros(shape, dtype=self.dtype, pin_memory=True) if self.host
+                 else torch.zeros(shape, dtype=self.dtype, device=self.device))
             if self.u is not None:
                 u[:self.rows] = self.u[:self.rows]
             self.u = u
@@ -271,5 +276,8 @@ class LowRankKeys:
         return math.sqrt(max(res, 0.0) / norm) if norm > 0 else 0.0
 
     def device_bytes(self) -> int:
-        held = [self.u, self.basis, self.sv, self.gram_full, self.gram_part]
+        held = [None if self.host else self.u, self.basis, self.sv, self.gram_full, self.gram_part]
         return sum(t.numel() * t.element_size() for t in held if t is not None)
+
+    def host_bytes(self) -> int:
+        return self.u.numel() * self.u.element_size() if self.host and self.u is not None else 0
