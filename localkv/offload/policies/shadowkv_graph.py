@@ -9,7 +9,8 @@ the basis, a new k, a new page arena. That happens every few hundred tokens.
 
 A step is *plain* when the host has nothing to do in it: no page of the store fills, no block of the low-rank
 basis ends, the window does not overflow, no page of the layer is on disk, nothing is truncated, recall is
-not measured, and the index is on the GPU (a host index is written by the host). Other steps run eagerly (`graph_view` returns None), and the next plain one replays.
+not measured, and the index is on the GPU (a host index is written by the host). Other steps run eagerly
+(`graph_view` returns None), and the next plain one replays.
 
 A replay does what the eager step does on the device. It writes the token's K/V into the open page and the
 dense buffer at positions read from device tensors, writes its U row and Gram sums, selects, reuses or
