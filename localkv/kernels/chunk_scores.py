@@ -31,7 +31,7 @@ from ._common import KERNEL_CALLS, _dot, check, dot_flags, interpreting, n_sms, 
 
 TILE = {"block_c": 64, "warps": 2, "stages": 3, "per_sm": 4}
 """Landmark tile and programs: chunks per loop step, warps, pipeline stages, most programs per SM. Swept on
-an H100 (scripts/exp_scores.py; 16K and 128K chunks): 2 warps with 3 stages beat 4-8 warps at every
+an H100 (scripts/sweep_kernels.py --scores-only; 16K and 128K chunks): 2 warps with 3 stages beat 4-8 warps at every
 tile; 2-4 programs per SM are within 2% of each other."""
 
 
