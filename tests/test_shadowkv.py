@@ -343,8 +343,9 @@ def test_options_are_checked(tiny):
 # -- fidelity on the real model ------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_smollm2_follows_exact_attention(smollm2_gguf):
-    """SmolLM2-135M, ~1K tokens of English prose, a budget of 1/4, 16 teacher-forced tokens: the next-token
-    distributions stay close to exact attention."""
+    """SmolLM2-135M, ~1K tokens of English prose, a budget of 1/4, 32 teacher-forced tokens: the next-token
+    distributions stay close to exact attention. (With 16 tokens, top-1 moved in steps of 1/16 and some random
+    starts landed at 0.75 with KL 0.014.)"""
     import localkv
     from localkv.eval import decode_logits
     from localkv.runtime import Engine
@@ -353,7 +354,7 @@ def test_smollm2_follows_exact_attention(smollm2_gguf):
     text = "".join(open(f"/usr/share/common-licenses/{n}").read() for n in ("GPL-3", "Apache-2.0"))
     ids = llm.engine.encode_raw(text)
     start = int(torch.randint(0, 3000, ()))
-    context, cont = ids[start:start + 1024], ids[start + 1024:start + 1040]
+    context, cont = ids[start:start + 1024], ids[start + 1024:start + 1056]
     ref = decode_logits(llm, context, cont)
     sparse = localkv.LLM(llm.loaded, Engine(llm.loaded, ctx_tokens=2048, policy="shadowkv", budget=0.25))
     got = decode_logits(sparse, context, cont)
