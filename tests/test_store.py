@@ -113,3 +113,22 @@ def test_unwritable_disk_dir_fails_before_work(tmp_path):
     g = PageGeometry(2, 2, 8, 16, torch.float32)
     with pytest.raises(UserError, match="not writable"):
         KVStore(g, Budgets(0, 0, blocker / "kv"), torch.device("cpu"))
+
+
+def test_host_that_cannot_pin_is_a_clear_error(monkeypatch):
+    """cudaHostAlloc failing (the host has no room to pin) becomes a one-line ContextOverflowError naming the
+    size and what it was for, for the store's CPU pages and ShadowKV's host index alike."""
+    from localkv.errors import ContextOverflowError
+    from localkv.offload import pages
+
+    real_empty = torch.empty
+
+    def failing_empty(*shape, **kw):
+        if kw.get("pin_memory"):
+            raise RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be reported later")
+        return real_empty(*shape, **kw)
+
+    monkeypatch.setattr(pages.torch, "empty", failing_empty)
+    with pytest.raises(ContextOverflowError, match=r"^could not pin 16\.0 MB of CPU memory for KV pages "
+                                                   r"\(CUDA error: out of memory\); lower --ctx or --cpu-mem$"):
+        pages.pinned_empty((4, 1024, 1024), torch.float32, "KV pages")

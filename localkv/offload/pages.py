@@ -9,11 +9,27 @@ The page being filled (the "open" page of each layer) stays in device memory unt
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
+from ..errors import ContextOverflowError
+from ..units import format_bytes
+
 DISK_ALIGN = 4096  # O_DIRECT needs offsets, sizes and buffers aligned to the logical block size
+
+
+def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype, what: str) -> torch.Tensor:
+    """``torch.empty`` in pinned CPU memory. When the host cannot pin that much, a one-line
+    ContextOverflowError says how much was asked and for what, instead of a CUDA error."""
+    try:
+        return torch.empty(shape, dtype=dtype, pin_memory=True)
+    except (RuntimeError, MemoryError) as e:   # cudaHostAlloc failed
+        n = math.prod(shape) * dtype.itemsize
+        reason = (str(e).strip().splitlines() or ["out of memory"])[0]
+        raise ContextOverflowError(f"could not pin {format_bytes(n)} of CPU memory for {what} ({reason}); "
+                                   "lower --ctx or --cpu-mem") from None
 
 
 @dataclass(frozen=True)
@@ -74,8 +90,9 @@ class PagePool:
             return None
         if not self.free[layer]:
             n = min(self.arena_pages, self.pages_per_layer - self.allocated[layer])
-            arena = torch.empty((n, *self.geometry.page_shape), dtype=self.geometry.dtype, device=self.device,
-                                pin_memory=self.pin)
+            shape = (n, *self.geometry.page_shape)
+            arena = (pinned_empty(shape, self.geometry.dtype, "KV pages") if self.pin
+                     else torch.empty(shape, dtype=self.geometry.dtype, device=self.device))
             base = len(self.arenas[layer]) * self.arena_pages
             self.arenas[layer].append(arena)
             self.allocated[layer] += n

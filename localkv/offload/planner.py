@@ -141,10 +141,10 @@ def make_plan(args: ModelArgs, ctx_tokens: int, *, model: str = "model", policy:
         disk_budget = disk_mem if disk_mem is not None else machine_budgets(device, weights, disk_dir)[2]
     index_bytes = host_index = host_landmarks = 0
     if policy == "shadowkv":  # its index (low-rank keys, landmarks) lives on the GPU before any page does
-        from .policies.shadowkv import host_part_bytes, plan_bytes
+        from .policies.shadowkv import host_part_bytes, index_on_host, plan_bytes
 
         index_bytes, step_bytes = plan_bytes(args, ctx_tokens, elt)
-        if index_bytes > gpu_budget and device.type == "cuda":
+        if device.type == "cuda" and index_on_host(args, ctx_tokens, elt, gpu_budget):
             # U and the landmarks go to pinned CPU memory, read in place (ShadowKVConfig.index_tier)
             host_u, host_landmarks = host_part_bytes(args, ctx_tokens, elt)
             host_index = host_u + host_landmarks

@@ -75,8 +75,8 @@ class ShadowKVConfig:
     """Tokens per block of the low-rank basis's refresh rule."""
     index_tier: str | None = None
     """Where U and the landmarks live: "gpu", or "cpu" (pinned memory the GPU reads in place each step, for a
-    context whose index does not fit beside the weights: ~1M tokens of an 8B model on 24 GB). None: "gpu"
-    if the GPU has room for them, else "cpu"."""
+    context whose index does not fit beside the weights: ~1M tokens of an 8B model on 24 GB). None: the
+    planner's rule (`index_on_host`) on the GPU memory left."""
     measure_recall: bool = False
     """Also measure ``attention_recall`` (keeps every rotated key aside on the device: for evaluation only)."""
     page_tokens: int = 256
@@ -164,14 +164,22 @@ def host_part_bytes(args: ModelArgs, ctx_tokens: int, elt: int) -> tuple[int, in
             int(per_layer * cols / ShadowKVConfig.chunk_tokens))
 
 
-def _host_index_needed(args: ModelArgs, capacity: int, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether U and the landmarks of ``capacity`` tokens would take more than half the GPU memory this
-    process has left (under its memory fraction, when one is set): then they go to pinned CPU memory."""
+def index_on_host(args: ModelArgs, ctx_tokens: int, elt: int, gpu_room: int) -> bool:
+    """The rule the planner and the policy share: U and the landmarks go to pinned CPU memory when the whole
+    index of ``ctx_tokens`` (`plan_bytes`) does not fit in ``gpu_room`` bytes of GPU memory."""
+    return plan_bytes(args, ctx_tokens, elt)[0] > gpu_room
+
+
+def _gpu_room(device: torch.device, budgets: Budgets) -> int:
+    """GPU memory this process has left for the index, as the planner counts it: free memory (under the
+    process's memory fraction, when one is set), less the GPU pages' budget and the planner's headroom."""
+    from ..planner import GPU_HEADROOM_BYTES
+
     free, total = torch.cuda.mem_get_info(device)
     get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
     if get_fraction is not None:
         free = min(free, int(get_fraction(device) * total) - torch.cuda.memory_reserved(device))
-    return sum(host_part_bytes(args, capacity, dtype.itemsize)) > free // 2
+    return free - budgets.gpu_bytes - GPU_HEADROOM_BYTES
 
 
 class ShadowKV(KVCache):
@@ -192,8 +200,8 @@ class ShadowKV(KVCache):
         self.store = KVStore(geometry, budgets, device)
         self.reader = BlockReader(self.store, block_pages=cfg.block_pages, ring_blocks=cfg.ring_blocks)
         self.tables = RopeTable(Rope(args, device), dtype, capacity)
-        self.index_host = device.type == "cuda" and (
-            cfg.index_tier == "cpu" or cfg.index_tier is None and _host_index_needed(args, capacity, device, dtype))
+        self.index_host = device.type == "cuda" and (cfg.index_tier == "cpu" or cfg.index_tier is None and index_on_host(
+            args, capacity, dtype.itemsize, _gpu_room(device, budgets)))
         """U and the landmarks in pinned CPU memory (`ShadowKVConfig.index_tier`)."""
         self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
         """The stream value fetches run on, overlapping the key rebuild."""

@@ -21,6 +21,16 @@ import math
 
 import torch
 
+from ..pages import pinned_empty
+
+
+def index_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, host: bool, what: str
+                ) -> torch.Tensor:
+    """A zeroed buffer of the index: on ``device``, or in pinned CPU memory the GPU reads in place (``host``)."""
+    if host:
+        return pinned_empty(shape, dtype, what).zero_()
+    return torch.zeros(shape, dtype=dtype, device=device)
+
 
 def chunk_landmarks(keys: torch.Tensor, chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Landmarks and coherence of whole chunks of rotated keys.
@@ -82,9 +92,7 @@ class ChunkIndex:
         self.landmarks, self.coherence, self.excluded = lm, coh, ex
 
     def _landmark_buffer(self, size: int) -> torch.Tensor:
-        if self.host:
-            return torch.zeros(self.Hkv, size, self.D, dtype=self.dtype, pin_memory=True)
-        return torch.zeros(self.Hkv, size, self.D, dtype=self.dtype, device=self.device)
+        return index_zeros((self.Hkv, size, self.D), self.dtype, self.device, self.host, "shadowkv landmarks")
 
     def seal(self, keys: torch.Tensor) -> None:
         """Add the chunks ``chunks ..`` from their rotated keys (Hkv, m*C, D)."""

@@ -31,6 +31,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from .shadowkv_index import index_zeros
+
 KeyReader = Callable[[int, int], Iterator[tuple[int, torch.Tensor]]]
 """``read_keys(a, b)`` yields ``(first position, pre-RoPE keys (t, Hkv*D) fp32)`` runs covering tokens a..b-1."""
 
@@ -191,9 +193,8 @@ class LowRankKeys:
             size = self.capacity if self.host else max(1024, self.u.shape[0] if self.u is not None else 0)
             while size < n:
                 size *= 2
-            shape = (min(max(size, n), self.capacity), self.rank)
-            u = (torch.zeros(shape, dtype=self.dtype, pin_memory=True) if self.host
-                 else torch.zeros(shape, dtype=self.dtype, device=self.device))
+            u = index_zeros((min(max(size, n), self.capacity), self.rank), self.dtype, self.device, self.host,
+                            "shadowkv low-rank keys")
             if self.u is not None:
                 u[:self.rows] = self.u[:self.rows]
             self.u = u
