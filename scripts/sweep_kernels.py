@@ -1,4 +1,12 @@
-"""Sweep (development aid): sparse-attention split sizes and tile configs, chunk-scoring timing modes, on one GPU."""
+"""Sweep (development aid): sparse-attention split sizes and tile configs, chunk-scoring timing modes, on one GPU.
+
+    python scripts/sweep_kernels.py [--scores-only] [--baseline FILE]
+
+``--baseline FILE`` also times another version of ``kernels/chunk_scores.py`` on the same abstracts in the same
+run, e.g. the two-launch landmark scoring it replaced:
+``git show 5a3a8bc:localkv/kernels/chunk_scores.py > old_chunk_scores.py``.
+"""
+import importlib.util
 import sys
 
 import torch
@@ -96,6 +104,14 @@ def graphed(calls):
     return 1e3 * _bench_graphed(calls)
 
 
+baseline = None
+if "--baseline" in sys.argv:
+    path = sys.argv[sys.argv.index("--baseline") + 1]
+    spec = importlib.util.spec_from_file_location("localkv.kernels._baseline_chunk_scores", path)
+    baseline = importlib.util.module_from_spec(spec)   # named inside localkv.kernels: its relative imports work
+    spec.loader.exec_module(baseline)
+
+summary = []
 for C in (16384, 131072):
     sets = [torch.randn(HKV, C, D, dtype=DT, device="cuda") for _ in range(8 if C == 16384 else 2)]
     share = lambda us: sets[0].numel() * 2 / us / 1e3 / hbm  # noqa: E731
@@ -104,7 +120,14 @@ for C in (16384, 131072):
     us = graphed([lambda a=a: _read_kernel[(triton.cdiv(n, 4096 * 8),)](a, sink, n, BLOCK=4096, PER=8, num_warps=8)
                   for a in sets])
     print(f"read only C={C}: {us:.1f} us ({share(us):.0%})", flush=True)
+    summary.append((C, "a kernel that only reads the bytes", us, share(us)))
     ref = chunk_scores_ref(q, sets[0])
+    us = graphed([lambda a=a: chunk_scores(q, a) for a in sets])
+    summary.append((C, "landmark scoring (localkv.kernels, default tile)", us, share(us)))
+    if baseline is not None:
+        err = float((baseline.chunk_scores(q, sets[0]) - ref).abs().max() / ref.abs().max())
+        us = graphed([lambda a=a: baseline.chunk_scores(q, a) for a in sets])
+        summary.append((C, f"landmark scoring (--baseline, err {err:.1e})", us, share(us)))
     default = dict(cs.TILE)
     for bc in (32, 64, 128):
         for w in (2, 4):
@@ -116,3 +139,7 @@ for C in (16384, 131072):
                     print(f"landmark C={C} block_c={bc} warps={w} stages={st} per_sm={per_sm}: {us:.1f} us "
                           f"({share(us):.0%}) err {err:.1e}", flush=True)
     cs.TILE.update(default)
+
+print("\n| chunks | landmark scoring, graphed, L2 cold | us | share of HBM copy |\n|---|---|---|---|")
+for C, name, us, r in summary:
+    print(f"| {C:,} | {name} | {us:.1f} | {r:.0%} |")

@@ -19,7 +19,7 @@ at D = 128) and its rows' running (max, Σexp). It then waits at a per-head barr
 forms every row's LSE from the P programs' stats, and turns its own span's scores into probabilities.
 The waiting needs every program of the grid resident at once, so the launcher sizes P from the compiled
 kernel's occupancy. On an H100 this one launch is faster than two passes with a launch between them
-(16K chunks: 20.0 µs against 21.9; 128K chunks: 112 µs against 145). Under the CPU interpreter programs
+(16K chunks: 21.3 µs against 22.7; 128K chunks: 114 µs against 142, one run). Under the CPU interpreter programs
 run one after another, so there P = 1 per head.
 """
 
