@@ -185,7 +185,8 @@ def load(model: str | Path | None = None, *, ctx: str | int = "8K", policy: str 
     if plan.tiered or kv != loaded.model.dtype:
         budgets = Budgets(plan.gpu.budget, plan.cpu.budget, Path(plan.disk_dir) if plan.disk_dir else None,
                           plan.disk.budget or None)
-    engine = Engine(loaded, ctx_tokens=ctx_tokens, policy=policy, budgets=budgets, kv_dtype=kv)
+    options = {"index_tier": plan.index_tier} if plan.index_tier else {}   # the planner decided it: not again
+    engine = Engine(loaded, ctx_tokens=ctx_tokens, policy=policy, budgets=budgets, kv_dtype=kv, **options)
     llm = LLM(loaded, engine)
     llm.plan = plan
     if session is not None:

@@ -381,6 +381,7 @@ def test_planner_counts_the_index_and_refuses_what_cannot_fit(monkeypatch):
     exact = make_plan(args, 128 * 1024, policy="exact", device="cpu", kv_dtype=torch.bfloat16,
                       weights_bytes=0, gpu_mem=8 * 2**30, cpu_mem=64 * 2**30)
     assert plan.gpu.budget == exact.gpu.budget - index
+    assert plan.index_tier == "gpu" and exact.index_tier is None
     with pytest.raises(ContextOverflowError, match="shadowkv index"):
         make_plan(args, 1 << 20, policy="shadowkv", device="cpu", kv_dtype=torch.bfloat16,
                   weights_bytes=0, gpu_mem=8 * 2**30, cpu_mem=64 * 2**30)
@@ -395,5 +396,6 @@ def test_planner_counts_the_index_and_refuses_what_cannot_fit(monkeypatch):
     plan = make_plan(args, 1 << 20, cpu_mem=100 * 2**30, disk_mem=100 * 2**30, disk="/tmp/unused", **kw)
     assert plan.cpu.budget == 100 * 2**30 - u - landmarks
     assert any("pinned CPU memory" in note for note in plan.notes)
+    assert plan.index_tier == "cpu"       # what localkv.load passes to the policy as its index_tier
     with pytest.raises(ContextOverflowError, match="shadowkv index"):
         make_plan(args, 1 << 20, cpu_mem=16 * 2**30, **kw)

@@ -127,8 +127,7 @@ def gather_pinned(src, idx, out, *, dst=None, chunk_tokens: int = 8, only=None):
     check(dst is not None or out.shape[1] >= n_sel * chunk_tokens, "out has fewer slots than idx entries")
     check(src.stride(2) == 1 and src.stride(1) == D and out.stride(2) == 1 and out.stride(1) == D,
           "src[h] and out[h] must be contiguous")
-    host_ok = src.is_cuda or (src.device.type == "cpu" and src.is_pinned())
-    if not (use_triton(idx, out, dst) and (interpreting() or host_ok)):
+    if not use_triton(idx, out, dst, host=(src,)):
         return gather_pinned_ref(src, idx, out, dst=dst, chunk_tokens=chunk_tokens, only=only)
     if n_sel == 0:
         return out

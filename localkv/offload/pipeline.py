@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .pages import pinned_empty
 from .store import CPU, DISK, GPU, KVStore, Run
 
 
@@ -69,7 +70,7 @@ class BlockReader:
             g = self.store.geometry
             self.ring = torch.empty(self._ring_shape, dtype=g.dtype, device=self.store.device)
             if self.cuda:
-                self.staging = torch.empty(self._ring_shape, dtype=g.dtype, pin_memory=True)
+                self.staging = pinned_empty(self._ring_shape, g.dtype, "the prefill's staging ring")
 
     def _on_device(self, tier: str) -> bool:
         return tier == GPU or (tier == CPU and not self.cuda)

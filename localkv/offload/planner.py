@@ -60,6 +60,8 @@ class Plan:
     disk_dir: str | None = None
     tiered: bool = False
     ms_per_token: float = 0.0
+    index_tier: str | None = None
+    """shadowkv: where U and the landmarks go ("gpu" or "cpu"), passed to the policy as its ``index_tier``."""
     notes: list[str] = field(default_factory=list)
 
     def line(self) -> str:
@@ -161,6 +163,8 @@ def make_plan(args: ModelArgs, ctx_tokens: int, *, model: str = "model", policy:
                 kv_bytes_per_token=per_token, weights_bytes=weights, device=str(device),
                 disk_dir=str(disk_dir) if disk_dir else None)
     plan.gpu.budget, plan.cpu.budget, plan.disk.budget = gpu_budget, cpu_budget, disk_budget
+    if policy == "shadowkv":
+        plan.index_tier = "cpu" if host_index else "gpu"
     total = gpu_budget + cpu_budget + disk_budget
     if need > total:
         where = ", ".join(f"{n} {format_bytes(b)}" for n, b in (("GPU", gpu_budget), ("CPU", cpu_budget),

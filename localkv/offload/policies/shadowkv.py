@@ -75,8 +75,8 @@ class ShadowKVConfig:
     """Tokens per block of the low-rank basis's refresh rule."""
     index_tier: str | None = None
     """Where U and the landmarks live: "gpu", or "cpu" (pinned memory the GPU reads in place each step, for a
-    context whose index does not fit beside the weights: ~1M tokens of an 8B model on 24 GB). None: the
-    planner's rule (`index_on_host`) on the GPU memory left."""
+    context whose index does not fit beside the weights: ~1M tokens of an 8B model on 24 GB). `localkv.load`
+    passes the planner's choice; None applies the planner's rule (`index_on_host`) to the GPU memory left."""
     measure_recall: bool = False
     """Also measure ``attention_recall`` (keeps every rotated key aside on the device: for evaluation only)."""
     page_tokens: int = 256
@@ -134,29 +134,9 @@ class RopeTable:
         return (k * c - rotate_half(k) * s) / self.rope.attention_factor ** 2
 
 
-def plan_bytes(args: ModelArgs, ctx_tokens: int, elt: int) -> tuple[int, int]:
-    """(device bytes of the index, value bytes a decode step fetches) at ``ctx_tokens`` under the default
-    options, for the planner: U rows and landmarks of every layer; the selected chunks' values."""
-    from .selection import budget_chunks
-    from .shadowkv_lowrank import default_rank
-
-    cfg = ShadowKVConfig()
-    cols = args.n_kv_heads * args.head_dim
-    per_token = default_rank(args.n_kv_heads, args.head_dim) + cols / cfg.chunk_tokens  # U row + landmark share
-    selected = budget_chunks(cfg.budget, ctx_tokens, cfg.chunk_tokens) * cfg.chunk_tokens
-    outliers = max(cfg.min_outliers, cfg.outlier_fraction * ctx_tokens / cfg.chunk_tokens) * cfg.chunk_tokens
-    per_layer = (ctx_tokens * per_token * elt
-                 + cfg.slot_factor * selected * 2 * cols * elt                     # chunk slots, K and V
-                 + (cfg.window_tokens + cfg.sink_tokens + outliers) * 2 * cols * elt  # the exact dense part
-                 + 2 * cols * cols * 4)                                            # the Gram sums (fp32)
-    index = int(args.n_layers * per_layer)
-    step = selected * args.n_layers * cols * elt
-    return index, step
-
-
 def host_part_bytes(args: ModelArgs, ctx_tokens: int, elt: int) -> tuple[int, int]:
-    """(U bytes, landmark bytes) at ``ctx_tokens`` under the default options: what ``index_tier="cpu"`` moves
-    to the host."""
+    """(U bytes, landmark bytes) at ``ctx_tokens`` under the default options: the part of the index that
+    ``index_tier="cpu"`` keeps on the host."""
     from .shadowkv_lowrank import default_rank
 
     cols, per_layer = args.n_kv_heads * args.head_dim, args.n_layers * ctx_tokens * elt
@@ -164,22 +144,41 @@ def host_part_bytes(args: ModelArgs, ctx_tokens: int, elt: int) -> tuple[int, in
             int(per_layer * cols / ShadowKVConfig.chunk_tokens))
 
 
+def plan_bytes(args: ModelArgs, ctx_tokens: int, elt: int) -> tuple[int, int]:
+    """(device bytes of the index, value bytes a decode step fetches) at ``ctx_tokens`` under the default
+    options, for the planner: U rows and landmarks of every layer (`host_part_bytes`), the chunk slots, the
+    exact dense part and the Gram sums; the selected chunks' values."""
+    from .selection import budget_chunks
+
+    cfg = ShadowKVConfig()
+    cols = args.n_kv_heads * args.head_dim
+    selected = budget_chunks(cfg.budget, ctx_tokens, cfg.chunk_tokens) * cfg.chunk_tokens
+    outliers = max(cfg.min_outliers, cfg.outlier_fraction * ctx_tokens / cfg.chunk_tokens) * cfg.chunk_tokens
+    per_layer = (cfg.slot_factor * selected * 2 * cols * elt                       # chunk slots, K and V
+                 + (cfg.window_tokens + cfg.sink_tokens + outliers) * 2 * cols * elt  # the exact dense part
+                 + 2 * cols * cols * 4)                                            # the Gram sums (fp32)
+    index = int(args.n_layers * per_layer) + sum(host_part_bytes(args, ctx_tokens, elt))
+    step = selected * args.n_layers * cols * elt
+    return index, step
+
+
 def index_on_host(args: ModelArgs, ctx_tokens: int, elt: int, gpu_room: int) -> bool:
-    """The rule the planner and the policy share: U and the landmarks go to pinned CPU memory when the whole
-    index of ``ctx_tokens`` (`plan_bytes`) does not fit in ``gpu_room`` bytes of GPU memory."""
+    """The planner's rule: U and the landmarks go to pinned CPU memory when the whole index of ``ctx_tokens``
+    (`plan_bytes`) does not fit in ``gpu_room``, the GPU memory the KV may take (counted before any page)."""
     return plan_bytes(args, ctx_tokens, elt)[0] > gpu_room
 
 
-def _gpu_room(device: torch.device, budgets: Budgets) -> int:
-    """GPU memory this process has left for the index, as the planner counts it: free memory (under the
-    process's memory fraction, when one is set), less the GPU pages' budget and the planner's headroom."""
+def _gpu_room(device: torch.device) -> int:
+    """For a cache made without a plan: the GPU memory the planner would give the KV now, free memory (under
+    the process's memory fraction, when one is set) less its headroom."""
     from ..planner import GPU_HEADROOM_BYTES
 
-    free, total = torch.cuda.mem_get_info(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    free, total = torch.cuda.mem_get_info(index)
     get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
     if get_fraction is not None:
-        free = min(free, int(get_fraction(device) * total) - torch.cuda.memory_reserved(device))
-    return free - budgets.gpu_bytes - GPU_HEADROOM_BYTES
+        free = min(free, int(get_fraction(index) * total) - torch.cuda.memory_reserved(index))
+    return free - GPU_HEADROOM_BYTES
 
 
 class ShadowKV(KVCache):
@@ -201,7 +200,7 @@ class ShadowKV(KVCache):
         self.reader = BlockReader(self.store, block_pages=cfg.block_pages, ring_blocks=cfg.ring_blocks)
         self.tables = RopeTable(Rope(args, device), dtype, capacity)
         self.index_host = device.type == "cuda" and (cfg.index_tier == "cpu" or cfg.index_tier is None and index_on_host(
-            args, capacity, dtype.itemsize, _gpu_room(device, budgets)))
+            args, capacity, dtype.itemsize, _gpu_room(device)))
         """U and the landmarks in pinned CPU memory (`ShadowKVConfig.index_tier`)."""
         self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
         """The stream value fetches run on, overlapping the key rebuild."""
