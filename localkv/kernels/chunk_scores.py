@@ -14,12 +14,12 @@ of two so the group reduction is a reshape.
 
 The landmark softmax needs each row's normaliser over all C chunks before any chunk's probability, a
 grid-wide dependency. One launch handles it: each head's chunks are split among P co-resident programs.
-A program scores its span, keeping the raw scores in a scratch buffer (fp32, 1/16 of the landmarks' bytes
+A program scores its span, keeping the raw scores in a scratch buffer (fp32, G*Tq rows: 1/16 of the landmarks' bytes
 at D = 128) and its rows' running (max, Σexp). It then waits at a per-head barrier (an atomic counter),
 forms every row's LSE from the P programs' stats, and turns its own span's scores into probabilities.
 The waiting needs every program of the grid resident at once, so the launcher sizes P from the compiled
-kernel's occupancy. On an H100 this one launch is faster than two passes with a launch between them
-(16K chunks: 21.3 µs against 22.7; 128K chunks: 114 µs against 142, one run). Under the CPU interpreter programs
+kernel's occupancy and launches cooperatively (CUDA refuses a grid that cannot all be resident). On an H100 this one launch is faster than two passes with a launch between them
+(16K chunks: 21.9 µs against 22.7; 128K chunks: 116 µs against 143, one run). Under the CPU interpreter programs
 run one after another, so there P = 1 per head.
 """
 
@@ -70,7 +70,7 @@ def _minmax_scores_kernel(
 def _landmark_scores_kernel(
     q_ptr, stride_qt, stride_qh,            # q (Tq, Hq, D): elements between tokens / heads; D contiguous
     a_ptr, stride_ah, stride_ac,            # landmarks (Hkv, C, D)
-    s_ptr, stride_sh, stride_sm,            # raw scores scratch (Hkv, BLOCK_M, C) fp32, log2 units
+    s_ptr, stride_sh, stride_sm,            # raw scores scratch (Hkv, G*Tq, C) fp32, log2 units: row g*Tq + t
     stat_ptr,                               # (Hkv, P, 2, BLOCK_M) fp32: each program's row max and Σexp2
     count_ptr,                              # (Hkv, 2) int32, zero between launches: arrived, departed
     out_ptr, stride_outh,                   # scores (Hkv, C) fp32
@@ -91,7 +91,7 @@ def _landmark_scores_kernel(
                 mask=valid_m[:, None] & mask_d[None, :], other=0.0)                    # (BLOCK_M, BLOCK_D)
     c_start = p * span
     c_end = tl.minimum(c_start + span, C)
-    s_rows = s_ptr + h * stride_sh + offs_m[:, None] * stride_sm
+    s_rows = s_ptr + h * stride_sh + (g * Tq + t)[:, None] * stride_sm   # valid rows only (masked)
 
     # Phase 1: raw scores of this span to the scratch, and each row's running max / Σexp2 (online softmax).
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -228,39 +228,56 @@ def chunk_scores(q, landmarks=None, *, kmin=None, kmax=None, sm_scale: float | N
 
 
 def _landmark_scores(q, landmarks, out, Hkv, C, D, scale, shape):
+    tile, most = _landmark_tile(q.device, q.dtype, Hkv, shape)
+    per_head = max(1, min(most, -(-C // tile["BLOCK_C"])))
+    span = -(-C // (per_head * tile["BLOCK_C"])) * tile["BLOCK_C"]
+    per_head = -(-C // span)
+    scratch = torch.empty((Hkv, shape["G"] * q.shape[0], C), dtype=torch.float32, device=q.device)
+    stats = torch.empty((Hkv, per_head, 2, shape["BLOCK_M"]), dtype=torch.float32, device=q.device)
+    _landmark_scores_kernel[(Hkv, per_head)](*_landmark_args(q, landmarks, out, scratch, stats, C, D, scale,
+                                                             per_head, span), **tile)
+
+
+def _landmark_args(q, landmarks, out, scratch, stats, C, D, scale, per_head, span):
+    return (q, q.stride(0), q.stride(1), landmarks, landmarks.stride(0), landmarks.stride(1),
+            scratch, scratch.stride(0), scratch.stride(1), stats, _counters(q.device, landmarks.shape[0]),
+            out, out.stride(0), q.shape[0], C, D, scale * 1.4426950408889634, per_head, span, 1 << 22)
+
+
+_TILES: dict[tuple, tuple[dict, int]] = {}
+
+
+def _landmark_tile(device: torch.device, dtype: torch.dtype, Hkv: int, shape: dict) -> tuple[dict, int]:
+    """(launch constexprs and options, most programs per head) for these shapes, worked out once.
+
+    Every program of the grid must be resident at once, since they wait for each other. On a GPU the launch
+    is cooperative (CUDA refuses a grid that cannot all be resident, rather than letting it hang), and the
+    programs per head are what the compiled kernel's registers and shared memory allow, at most TILE's
+    per SM. The interpreter runs programs one after another: one per head there."""
+    key = (device, dtype, Hkv, tuple(sorted(shape.items())), tuple(sorted(TILE.items())), interpreting())
+    if key in _TILES:
+        return _TILES[key]
     BLOCK_M = shape["BLOCK_M"]
-    if interpreting():     # programs run one after another: one per head, or the first would wait forever
-        tile = dict(BLOCK_C=32, STAGES=1, num_warps=4)
-        per_head = 1
+    tile = dict(BLOCK_C2=max(32, 4096 // BLOCK_M), BLOCK_P=32, **shape)
+    if interpreting():
+        tile.update(BLOCK_C=32, STAGES=1, num_warps=4)
+        most = 1
     else:
-        tile = dict(BLOCK_C=TILE["block_c"] if BLOCK_M <= 32 else 32, STAGES=TILE["stages"],
-                    num_warps=TILE["warps"] if BLOCK_M <= 32 else 8)
-        per_head = min(TILE["per_sm"] * n_sms(q.device) // Hkv, -(-C // tile["BLOCK_C"]))
-    tile.update(BLOCK_C2=max(32, 4096 // BLOCK_M), BLOCK_P=32, **shape)
-    scratch = torch.empty((Hkv, BLOCK_M, C), dtype=torch.float32, device=q.device)
-    stats = torch.empty((Hkv, max(per_head, 1), 2, BLOCK_M), dtype=torch.float32, device=q.device)
-
-    def args(per_head):
-        span = -(-C // (per_head * tile["BLOCK_C"])) * tile["BLOCK_C"]
-        return (q, q.stride(0), q.stride(1), landmarks, landmarks.stride(0), landmarks.stride(1),
-                scratch, scratch.stride(0), scratch.stride(1), stats, _counters(q.device, Hkv), out, out.stride(0),
-                q.shape[0], C, D, scale * 1.4426950408889634, -(-C // span), span, 1 << 22)
-
-    if not interpreting():
-        # Every program of the grid must be resident at once (they wait for each other): at most what the
-        # compiled kernel's registers and shared memory allow per SM.
-        key = (q.device, q.dtype, tuple(sorted(tile.items())))
-        if key not in _RESIDENT:
-            kernel = _landmark_scores_kernel.warmup(*args(max(per_head, 1)), grid=(1,), **tile)
-            _RESIDENT[key] = _resident(q.device, kernel, tile["num_warps"])
-        per_head = min(per_head, _RESIDENT[key] * n_sms(q.device) // Hkv)
-        check(per_head >= 1, f"landmark scoring: {Hkv} programs cannot all be resident on {q.device}")
-    launch = args(per_head)
-    _landmark_scores_kernel[(Hkv, launch[-3])](*launch, **tile)
+        tile.update(BLOCK_C=TILE["block_c"] if BLOCK_M <= 32 else 32, STAGES=TILE["stages"],
+                    num_warps=TILE["warps"] if BLOCK_M <= 32 else 8, launch_cooperative_grid=True)
+        sms = n_sms(device)
+        q = torch.empty((1, Hkv * shape["G"], shape["BLOCK_D"]), dtype=dtype, device=device)
+        lm = torch.empty((Hkv, 1, shape["BLOCK_D"]), dtype=dtype, device=device)
+        f32 = torch.empty((Hkv, 1, 1), dtype=torch.float32, device=device)
+        kernel = _landmark_scores_kernel.warmup(*_landmark_args(q, lm, f32[:, 0], f32, f32, 1, shape["BLOCK_D"], 1.0,
+                                                                1, 1), grid=(1,), **tile)
+        most = min(TILE["per_sm"] * sms, _resident(device, kernel, tile["num_warps"]) * sms) // Hkv
+        check(most >= 1, f"landmark scoring: {Hkv} programs cannot all be resident on {device}")
+    _TILES[key] = tile, most
+    return tile, most
 
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
-_RESIDENT: dict[tuple, int] = {}
 
 
 def _counters(device: torch.device, heads: int) -> torch.Tensor:
