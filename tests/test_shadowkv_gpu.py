@@ -16,7 +16,12 @@ OPTS = dict(budget=48, page_tokens=PAGE, window_tokens=64, block_tokens=256)
 
 
 def _model(device, dtype):
-    torch.manual_seed(0)
+    with torch.random.fork_rng(devices=[]):   # the same weights for every device; later draws stay fresh
+        torch.manual_seed(0)
+        return _random_model(device, dtype)
+
+
+def _random_model(device, dtype):
     _, model, args = _hf_and_ours("llama", max_pos=4096)
     with torch.no_grad():
         for p in model.parameters():

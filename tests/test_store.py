@@ -120,6 +120,7 @@ def test_host_that_cannot_pin_is_a_clear_error(monkeypatch):
     size and what it was for, for the store's CPU pages and ShadowKV's host index alike."""
     from localkv.errors import ContextOverflowError
     from localkv.offload import pages
+    from localkv.offload.policies.shadowkv_index import index_zeros
 
     real_empty = torch.empty
 
@@ -129,6 +130,10 @@ def test_host_that_cannot_pin_is_a_clear_error(monkeypatch):
         return real_empty(*shape, **kw)
 
     monkeypatch.setattr(pages.torch, "empty", failing_empty)
-    with pytest.raises(ContextOverflowError, match=r"^could not pin 16\.0 MB of CPU memory for KV pages "
+    geometry = PageGeometry(2, 2, 64, 256, torch.float32)
+    pool = pages.PagePool(geometry, 4, torch.device("cpu"), pin=True, arena_pages=4)
+    with pytest.raises(ContextOverflowError, match=r"^could not pin 1\.0 MB of CPU memory for KV pages "
                                                    r"\(CUDA error: out of memory\); lower --ctx or --cpu-mem$"):
-        pages.pinned_empty((4, 1024, 1024), torch.float32, "KV pages")
+        pool.alloc(0)
+    with pytest.raises(ContextOverflowError, match=r"for shadowkv landmarks"):   # U and landmarks' allocator
+        index_zeros((2, 64, 64), torch.bfloat16, torch.device("cpu"), True, "shadowkv landmarks")
