@@ -65,3 +65,30 @@ def test_rejects_mixed_abstracts():
         chunk_scores(q, lm, kmin=lm, kmax=lm)
     with pytest.raises(ValueError):
         chunk_scores(q, kmin=lm)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="the per-head barrier spans many programs only on a GPU")
+def test_landmark_barrier_across_launches_and_graph_replays():
+    """Thousands of chunks split over many programs per head meet at the per-head barrier: every eager launch
+    and every CUDA-graph replay (the counters carry over between them) must give the reference."""
+    Hkv, G, D, C = 8, 4, 128, 20_000
+    q = torch.randn(1, Hkv * G, D, dtype=torch.bfloat16, device="cuda")
+    lm = torch.randn(Hkv, C, D, dtype=torch.bfloat16, device="cuda")
+    ref = chunk_scores_ref(q, lm)
+    out = poisoned((Hkv, C), torch.float32)
+
+    def close(out, ref, what):   # probabilities of ~1/C: compared relative to the largest
+        top = ref.abs().max()
+        assert_close(out / top, ref / top, torch.float32, what)
+
+    for _ in range(3):
+        out.fill_(float("nan"))
+        close(chunk_scores(q, lm, out=out), ref, "eager")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        chunk_scores(q, lm, out=out)
+    for _ in range(5):
+        q.copy_(torch.randn_like(q))
+        out.fill_(float("nan"))
+        graph.replay()
+        close(out, chunk_scores_ref(q, lm), "replay")
