@@ -15,9 +15,7 @@ import math
 
 import torch
 
-from ...kernels import chunk_scores, topk_ids
-
-_TAKEN = 2 ** 31 - 1  # age of a slot a hit holds: never evicted this step
+from ...kernels import assign_slots, chunk_scores, topk_ids
 
 
 def budget_chunks(budget: int | float | None, n_tokens: int, chunk_tokens: int) -> int:
@@ -60,7 +58,8 @@ class ChunkBuffer:
     `kernels.sparse_attention` reads through an index list. ``slot_chunk`` (Hkv, n_slots+1) says which chunk
     each slot holds (-1: none) and ``chunk_slot`` (Hkv, n_chunks+1) the reverse; their last column is a
     scratch target for masked scatters. A step's selection keeps the slots of its hits and puts each miss in
-    the least recently used slot no hit holds; with ``n_slots >= k`` there are always enough.
+    the least recently used slot no hit holds (`kernels.assign_slots`); with ``n_slots >= k`` there are always
+    enough.
     """
 
     def __init__(self, n_kv_heads: int, chunk_tokens: int, head_dim: int, *, dtype: torch.dtype,
@@ -70,7 +69,7 @@ class ChunkBuffer:
         self.slot_factor = slot_factor
         self.n_slots = 0
         self.n_chunks = 0
-        self.step = torch.zeros((), dtype=torch.int32, device=device)  # on the device: graphs replay assign
+        self.step = torch.zeros(n_kv_heads, dtype=torch.int32, device=device)  # on the device: graphs replay assign
         self._alloc(0, 0)
 
     def _alloc(self, n_slots: int, n_chunks: int) -> None:
@@ -91,34 +90,15 @@ class ChunkBuffer:
             grown[:, :self.n_chunks] = self.chunk_slot[:, :self.n_chunks]
             self.chunk_slot, self.n_chunks = grown, 2 * n_chunks
 
-    def assign(self, sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Slots for the chunks ``sel (Hkv, k)`` (distinct per head).
+    def assign(self, sel: torch.Tensor, hits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots for the chunks ``sel (Hkv, k)`` (distinct per head): `kernels.assign_slots`.
 
         Returns:
             slots (Hkv, k): where each selected chunk is (or will be once fetched);
-            dst (Hkv, k): the slot to fetch into, -1 for hits (the `gather_pinned` skip mask);
-            hit (Hkv, k) bool.
+            dst (Hkv, k): the slot to fetch into, -1 for hits (the `gather_pinned` skip mask).
+        ``hits``, an optional int64 counter, is added the number of hits.
         """
-        S, trash_slot, trash_chunk = self.n_slots, self.n_slots, self.n_chunks
-        slot = self.chunk_slot.gather(1, sel)                     # (Hkv, k), -1 where not buffered
-        hit = slot >= 0
-        miss = ~hit
-        # Free slots, least recently used first: the slots hits hold are taken.
-        age = self.slot_age.clone()
-        age.scatter_(1, torch.where(hit, slot, trash_slot), _TAKEN)
-        free = torch.argsort(age[:, :S], dim=1, stable=True)      # (Hkv, S)
-        rank = (torch.cumsum(miss, dim=1) - 1).clamp(min=0)       # each miss's rank among the misses
-        new = free.gather(1, rank)                                # (Hkv, k) the slot a miss takes
-        slots = torch.where(hit, slot, new)
-        dst = torch.where(miss, new, -1)
-        # The misses' slots forget their old chunks, then hold the new ones.
-        old = self.slot_chunk.gather(1, new)
-        self.chunk_slot.scatter_(1, torch.where(miss & (old >= 0), old, trash_chunk), -1)
-        self.chunk_slot.scatter_(1, torch.where(miss, sel, trash_chunk), new)
-        self.slot_chunk.scatter_(1, torch.where(miss, new, trash_slot), sel)
-        self.step += 1
-        self.slot_age.scatter_(1, slots, self.step.expand_as(slots))
-        return slots, dst, hit
+        return assign_slots(sel, self.chunk_slot, self.slot_chunk, self.slot_age, self.step, self.n_slots, hits)
 
     def forget_from(self, chunk: int) -> None:
         """Drop every buffered chunk from ``chunk`` on (their tokens were truncated and may come back different)."""
