@@ -7,12 +7,14 @@ CPU and as the test oracle. ``use_triton(*tensors)`` is that decision; ``KERNEL_
 
 from ._common import KERNEL_CALLS, use_triton
 from .chunk_scores import chunk_scores, chunk_scores_ref
+from .gather_pages import gather_pages, gather_pages_ref, segment_addresses
 from .gather_pinned import gather_pinned, gather_pinned_ref
 from .kv_quant import dequantize_page, dequantize_page_ref, quantize_page, quantize_page_ref
 from .lowrank_rope import lowrank_rope, lowrank_rope_ref
 from .merge_attention import merge_attention, merge_attention_ref, merge_into, merge_into_ref
 from .rms_norm import rms_norm, rms_norm_ref
 from .rope import rope, rope_ref
+from .slot_assign import assign_slots, assign_slots_ref
 from .sparse_attention import sparse_attention, sparse_attention_ref
 from .topk_ids import topk_ids, topk_ids_ref
 
@@ -20,9 +22,9 @@ __all__ = [
     "KERNEL_CALLS", "use_triton",
     "sparse_attention", "sparse_attention_ref",
     "merge_attention", "merge_attention_ref", "merge_into", "merge_into_ref",
-    "chunk_scores", "chunk_scores_ref", "topk_ids", "topk_ids_ref",
+    "chunk_scores", "chunk_scores_ref", "topk_ids", "topk_ids_ref", "assign_slots", "assign_slots_ref",
     "lowrank_rope", "lowrank_rope_ref",
-    "gather_pinned", "gather_pinned_ref",
+    "gather_pinned", "gather_pinned_ref", "gather_pages", "gather_pages_ref", "segment_addresses",
     "rms_norm", "rms_norm_ref", "rope", "rope_ref",
     "quantize_page", "quantize_page_ref", "dequantize_page", "dequantize_page_ref",
 ]

@@ -1,6 +1,7 @@
 """ShadowKV decode through the Triton kernels (interpreted on a CPU, compiled on a GPU) against the same decode
-through their torch references, on the same inputs: landmark scores, the key rebuild, the masked gathers of
-misses from device, CPU-tier and open pages (disk pages go through the host either way), sparse attention."""
+through their torch references, on the same inputs: landmark scores, the top-k, slot assignment, the key
+rebuild, the masked gathers of misses from device, CPU-tier and open pages (disk pages go through the host
+either way), sparse attention."""
 
 import pytest
 import torch
@@ -41,7 +42,7 @@ def test_decode_through_kernels_matches_references(dtype, monkeypatch, kernel_ra
         outs.append(torch.cat(out).float())
         stats = cache.stats()
         assert stats["chunks_selected"] == 6 and stats["fetched_bytes_per_token"]["cpu"] > 0
-    for op in ("chunk_scores", "lowrank_rope", "gather_pinned", "sparse_attention"):
+    for op in ("chunk_scores", "topk_ids", "assign_slots", "lowrank_rope", "gather_pages", "sparse_attention"):
         kernel_ran(op)
     tol = 1e-3 if dtype == torch.float32 else 5e-2
     assert (outs[1] - outs[0]).abs().max() <= tol * outs[0].abs().max()

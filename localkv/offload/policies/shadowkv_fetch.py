@@ -5,10 +5,11 @@ at token offset ``o = c*C % P``. A page is ``(2, Hkv, P, D)`` with each head's t
 one head is one run of ``C*D`` elements. An arena of n pages (one tensor of a tier's pool) is seen as a buffer
 ``(Hkv, rows, D)`` with head stride ``P*D`` and token stride ``D`` (the view `block_attention_lse` uses); in it the
 chunk at offset o of the page in arena slot s is chunk number ``(s*2*Hkv*P + o) / C``, counted from the K (or,
-shifted by ``Hkv*P*D`` elements, the V) of slot 0. So one `kernels.gather_pinned` launch per arena moves every
-requested chunk that lives there, read by the GPU straight from pinned memory for the CPU tier; the others
-are masked out by a negative destination. The segments of a layer are the arenas of its GPU-tier and CPU-tier
-pages and its open page (one page, on the device), a handful, listed on the host when the layer's pages change.
+shifted by ``Hkv*P*D`` elements, the V) of slot 0. The segments of a layer are the arenas of its GPU-tier and
+CPU-tier pages and its open page (one page, on the device), a handful, listed on the host when the layer's
+pages change, with a device page table (each page's segment and first chunk number there). One
+`kernels.gather_pages` launch then moves every requested chunk of the layer from whichever segment holds it,
+read by the GPU straight from pinned memory for the CPU tier.
 
 Pages on disk need the host: when a layer has any, the requested chunks are read back once (one sync for the
 layer) and their pages read through the store. The counts of chunks moved per tier accumulate on the device.
@@ -20,10 +21,11 @@ from typing import Iterator
 
 import torch
 
-from ...kernels import gather_pinned
+from ...kernels import gather_pages, segment_addresses
+from ...kernels.gather_pages import DISK_KIND
 from ..store import DISK, GPU, KVStore
 
-DEVICE_TIER, CPU_TIER, DISK_TIER = 0, 1, 2  # rows of the ``moved`` counters: chunks read from each
+DEVICE_TIER, CPU_TIER, DISK_TIER = 0, 1, DISK_KIND  # rows of the ``moved`` counters: chunks read from each
 
 
 def _arena_view(arena: torch.Tensor, part: int) -> torch.Tensor:
@@ -81,7 +83,9 @@ class StoreChunks:
         self.seg_of[:m].copy_(torch.tensor(seg_of))
         self.base[:m].copy_(torch.tensor(base))
         if [(k, a.data_ptr()) for k, a in segments] != [(k, a.data_ptr()) for k, a in self.segments]:
-            self.kind = torch.tensor([k for k, _ in segments] + [DISK_TIER], dtype=torch.long, device=dev)
+            self.kind = torch.tensor([k for k, _ in segments], dtype=torch.long, device=dev)
+            self.views = [[_arena_view(a, part) for _, a in segments] for part in (0, 1)]
+            self.addr = [segment_addresses(views, dev) for views in self.views]
         self.segments = segments
         self.has_disk = -1 in seg_of
         self.n_pages = len(pages)
@@ -91,11 +95,12 @@ class StoreChunks:
         """What a graphed `fetch` has baked in: the segments and the tables' addresses."""
         self._table()
         return (tuple((k, a.data_ptr()) for k, a in self.segments), self.seg_of.data_ptr(),
-                self.base.data_ptr(), self.kind.data_ptr())
+                self.base.data_ptr(), self.kind.data_ptr(), *(a.data_ptr() for a in self.addr))
 
     def fetch(self, part: int, chunks: torch.Tensor, dst: torch.Tensor, out: torch.Tensor,
               moved: torch.Tensor | None = None) -> None:
-        """Copy chunks of keys (``part`` 0) or values (1) into slots of ``out``.
+        """Copy chunks of keys (``part`` 0) or values (1) into slots of ``out``: one `kernels.gather_pages`
+        launch for the pages on the device and in CPU memory, then the host for those on disk.
 
         Args:
             chunks: (Hkv, n) int64 chunk ids, all sealed or in the open page (below the layer's length).
@@ -105,16 +110,11 @@ class StoreChunks:
         """
         self._table()
         C, P = self.C, self.store.geometry.page_tokens
-        tok = chunks * C
-        page = tok // P                                         # the open page is number n_pages
-        seg = self.seg_of[page]                                 # (Hkv, n)
-        src = self.base[page] + (tok % P) // C                  # chunk number inside its arena's view
-        for s, (_, arena) in enumerate(self.segments):
-            gather_pinned(_arena_view(arena, part), src, out, dst=dst, chunk_tokens=C, only=(seg, s))
+        gather_pages(self.views[part], self.seg_of, self.base, chunks, dst, out, chunk_tokens=C, page_tokens=P,
+                     addr=self.addr[part], kind=self.kind if moved is not None else None, moved=moved)
         if self.has_disk:
+            seg = self.seg_of[chunks * C // P]
             self._from_disk(part, chunks, torch.where(seg < 0, dst, -1), out)
-        if moved is not None:
-            moved.index_add_(0, self.kind[seg].flatten(), (dst >= 0).flatten().long())
 
     def _from_disk(self, part: int, chunks: torch.Tensor, dst: torch.Tensor, out: torch.Tensor) -> None:
         """The entries on disk (``dst`` >= 0): their pages read by the host through the store."""
