@@ -24,7 +24,8 @@ def test_view_step_equals_eager_decode():
     twice with the warm-up's sums saved and restored in between, against a twin cache decoding eagerly."""
     model, args = _model("cpu", torch.float32)
     ids = torch.randint(0, 100, (460,))
-    eager, viewed = (make_cache("shadowkv", args, 1024, **OPTS) for _ in range(2))
+    # rank 8 of 32 key columns: a reconstruction error well above rounding, so the parked keys' sums are checked
+    eager, viewed = (make_cache("shadowkv", args, 1024, **OPTS, rank=8) for _ in range(2))
     length = torch.zeros(1, dtype=torch.int32)
     plain = 0
     with torch.inference_mode():
@@ -53,7 +54,8 @@ def test_view_step_equals_eager_decode():
     for key in ("chunks_selected", "reconstruction_error", "basis_refreshes", "rank"):
         assert a[key] == pytest.approx(b[key], rel=1e-5), key
     for la, lb in zip(eager.layers, viewed.layers):
-        torch.testing.assert_close(la.lowrank.gram_full, lb.lowrank.gram_full)
+        # parked keys are summed in one matmul, eager ones a row at a time: fp32 order differs
+        torch.testing.assert_close(la.lowrank.gram_full, lb.lowrank.gram_full, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -70,3 +70,23 @@ def test_empty_selection_writes_nothing(kernel_ran):
     out = poisoned((2, CHUNK, 64), torch.float32)
     lowrank_rope(u, sv, idx[:, :0], cos, sin, out, pos=pos)
     assert torch.isnan(out).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_dst_writes_chunk_slots(dtype, kernel_ran):
+    """With ``dst`` each chunk's keys land in its slot of a larger buffer; slots not named stay untouched."""
+    u, sv, idx, pos, cos, sin = _inputs(CASES["sv_transposed_rank_ragged"], dtype)
+    Hkv, n_sel = idx.shape
+    D, n_slots = sv.shape[2], 2 * n_sel + 1
+    dst = torch.stack([torch.randperm(n_slots, device=DEVICE)[:n_sel] for _ in range(Hkv)])
+    out = poisoned((Hkv, n_slots * CHUNK, D), dtype)
+    assert lowrank_rope(u, sv, idx, cos, sin, out, pos=pos, chunk_tokens=CHUNK, dst=dst) is out
+    kernel_ran("lowrank_rope")
+    in_order = lowrank_rope_ref(u, sv, idx, cos, sin, torch.empty(Hkv, n_sel * CHUNK, D, dtype=dtype, device=DEVICE),
+                                pos=pos, chunk_tokens=CHUNK)
+    slots = out.view(Hkv, n_slots, CHUNK, D)
+    for h in range(Hkv):
+        assert_close(slots[h, dst[h]], in_order[h].view(n_sel, CHUNK, D), dtype)
+        rest = torch.ones(n_slots, dtype=torch.bool, device=DEVICE)
+        rest[dst[h]] = False
+        assert torch.isnan(slots[h, rest]).all()

@@ -1,5 +1,7 @@
 """topk_ids: the k largest scores' ids per row, ascending, ties to the lowest id, against a stable sort."""
 
+import importlib
+
 import pytest
 import torch
 from kernel_testing import DEVICE, poisoned
@@ -40,3 +42,85 @@ def test_ties_go_to_the_lowest_ids(N, kernel_ran):
 def test_rejects_k_past_the_row():
     with pytest.raises(ValueError):
         topk_ids(torch.zeros(2, 5, device=DEVICE), 6)
+
+
+# The bisection's risks: ties at T across byte boundaries of the keys, keys equal in their high bits (every
+# step decides), every sign and special value, rows of several blocks. Keys are made from float bit patterns.
+topk_module = importlib.import_module("localkv.kernels.topk_ids")   # the package re-exports the function
+
+
+def _check(scores: torch.Tensor, k: int) -> None:
+    """Through a poisoned buffer, against the reference."""
+    out = poisoned((scores.shape[0], k), torch.long)
+    topk_ids(scores, k, out=out)
+    torch.testing.assert_close(out, topk_ids_ref(scores, k))
+
+
+def _near_boundaries(R: int, N: int) -> torch.Tensor:
+    """Scores one ulp step, a digit and a carry apart: a random base pattern plus offsets straddling the
+    byte boundaries (255 | 256, 65535 | 65536, ...), each repeated so ties fall on either side of T; some
+    rows negated (the magnitude order flips) and a few excluded (-inf)."""
+    offsets = torch.tensor([0, 1, 2, 255, 256, 257, 511, 65535, 65536, 65537, 2**24 - 1, 2**24, 2**24 + 1,
+                            2**24 + 256, 2**25 - 1])
+    base = int(torch.randint(0x00800000, 0x7C000000, ()))       # a normal float; + 2**25 stays below inf
+    bits = base + offsets[torch.randint(0, len(offsets), (R, N))]
+    scores = bits.to(torch.int32).view(torch.float32)
+    scores[::2] = -scores[::2]
+    scores[torch.rand(R, N) < 0.05] = float("-inf")
+    return scores.to(DEVICE)
+
+
+def _low_bits_only(R: int, N: int) -> torch.Tensor:
+    """Scores sharing their top three bytes: only the last byte decides, with many repeats."""
+    base = int(torch.randint(0x00800000, 0x7C000000, ())) & ~0xFF
+    bits = base + torch.randint(0, 256, (R, N)) // 4 * 4
+    scores = bits.to(torch.int32).view(torch.float32)
+    scores[1::2] = -scores[1::2]
+    return scores.to(DEVICE)
+
+
+def _specials(R: int, N: int) -> torch.Tensor:
+    """-inf, the extremes of both signs, denormals, -0.0 and 0.0 (which tie) and plain values."""
+    values = torch.tensor([float("-inf"), -3.0e38, -1.5, -1e-40, -0.0, 0.0, 1e-45, 1e-40, 0.75, 2.0, 3.0e38])
+    return values[torch.randint(0, len(values), (R, N))].to(DEVICE)
+
+
+def _ks(N: int) -> list[int]:
+    """The ends, and two random k."""
+    return sorted({1, N, *torch.randint(1, N + 1, (2,)).tolist()})
+
+
+@pytest.mark.parametrize("make", [_near_boundaries, _low_bits_only, _specials])
+@pytest.mark.parametrize("N", [77, 300])
+def test_digit_boundaries_and_special_values(make, N, kernel_ran):
+    scores = make(3, N)
+    for k in _ks(N):
+        _check(scores, k)
+    kernel_ran("topk_ids")
+
+
+@pytest.mark.parametrize("N", [1, 5, 600])
+def test_all_equal_rows(N, kernel_ran):
+    """One value per row (a tie of the whole row at T, whatever k): the lowest ids win."""
+    values = torch.tensor([float("-inf"), -2.0, -0.0, 0.0, 1e-40, 7.5])
+    scores = values[torch.randperm(len(values))[:3]].repeat_interleave(N).view(3, N).to(DEVICE)
+    for k in _ks(N):
+        out = topk_ids(scores, k)
+        torch.testing.assert_close(out, torch.arange(k, device=DEVICE).expand(3, k))
+    kernel_ran("topk_ids")
+
+
+def test_multi_block_rows(monkeypatch, kernel_ran):
+    """Rows of several blocks, also on a GPU (whose blocks are otherwise MAX_BLOCK scores): counts summed
+    over blocks, ties at T spread over blocks, a last block of one score."""
+    monkeypatch.setattr(topk_module, "MAX_BLOCK", 256)
+    N = 769
+    values = torch.randn(5, device=DEVICE)
+    scores = torch.where(torch.rand(4, N, device=DEVICE) < 0.5, torch.randn(4, N, device=DEVICE),
+                         values[torch.randint(0, 5, (4, N), device=DEVICE)])
+    scores[1] = _near_boundaries(1, N)[0]
+    scores[2] = _low_bits_only(1, N)[0]
+    for k in _ks(N):
+        _check(scores, k)
+    kernel_ran("topk_ids")
+

@@ -13,10 +13,11 @@ not measured, and the index is on the GPU (a host index is written by the host).
 (`graph_view` returns None), and the next plain one replays.
 
 A replay does what the eager step does on the device. It writes the token's K/V into the open page and the
-dense buffer at positions read from device tensors, writes its U row and Gram sums, selects, reuses or
-fetches chunks, rebuilds keys and attends. The host's counts (tokens, rows, chunks selected) are advanced
-after the replay (`ShadowKVGraphView.replayed`). Capture runs the step once eagerly first, to compile the
-kernels; the sums that run would add twice are saved and restored around it (`save` / `restore`). Its chunks
+dense buffer at positions read from device tensors, parks its pre-RoPE key for the next eager step to
+project (its U row and Gram sums: `LowRankKeys.flush`), selects, reuses or fetches chunks, rebuilds keys and
+attends. The host's counts (tokens, rows, chunks selected) are advanced after the replay
+(`ShadowKVGraphView.replayed`). Capture runs the step once eagerly first, to compile the kernels; the
+counters that run would add twice are saved and restored around it (`save` / `restore`). Its chunks
 stay in the slot buffer, so the replay that follows a capture finds them all there: the hit rate counts that
 one step as all hits, one step in a few hundred.
 """
@@ -88,7 +89,7 @@ class _GraphedLayer:
         vt = v.transpose(0, 1).to(open_page.dtype)
         open_page[0].index_copy_(1, view.page_offset, k_rot)
         open_page[1].index_copy_(1, view.page_offset, vt)
-        lay.lowrank.append_at(rp.pos, k)
+        lay.lowrank.append_at(view.block_row(lay.lowrank.block), k)
         row, dense_len = view.dense_rows(lay.fixed - lay.W)
         lay.dense_k.index_copy_(1, row, k_rot.to(lay.dtype))
         lay.dense_v.index_copy_(1, row, vt.to(lay.dtype))
@@ -116,6 +117,13 @@ class ShadowKVGraphView:
         self.page_offset = pos % self.cache.store.geometry.page_tokens
         self._rows.clear()
 
+    def block_row(self, block: int) -> torch.Tensor:
+        """The token's row in a block of ``block`` tokens, (1,) int64 (where `LowRankKeys.append_at` parks it)."""
+        key = ("block", block)
+        if key not in self._rows:
+            self._rows[key] = self.pos % block
+        return self._rows[key]
+
     def dense_rows(self, shift: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(dense row of the token (1,) int64, filled dense rows (1,) int32) for a layer whose dense buffer
         starts ``shift = fixed - W`` rows before its position; shared by the layers with the same shift."""
@@ -125,17 +133,11 @@ class ShadowKVGraphView:
 
     # -- around capture and replay ---------------------------------------------------------------------
     def save(self):
-        """The sums an eager run of the step adds to (Gram, reconstruction error, counters)."""
-        c = self.cache
-        return ([(lay.lowrank.gram_part.clone(), lay.lowrank.part.clone(), lay.lowrank.total.clone())
-                 for lay in c.layers], c.hits.clone(), c.moved.clone())
+        """The counters an eager run of the step adds to (the parked key it writes is written again)."""
+        return self.cache.hits.clone(), self.cache.moved.clone()
 
     def restore(self, saved) -> None:
-        sums, hits, moved = saved
-        for lay, (gram, part, total) in zip(self.cache.layers, sums):
-            lay.lowrank.gram_part.copy_(gram)
-            lay.lowrank.part.copy_(part)
-            lay.lowrank.total.copy_(total)
+        hits, moved = saved
         self.cache.hits.copy_(hits)
         self.cache.moved.copy_(moved)
 

@@ -222,22 +222,20 @@ class ShadowKVLayer:
         else:
             sel = select_chunks(q, self.index.landmarks[:, :n_chunks], self.index.excluded[:, :n_chunks], k)
             self.buffer.reserve(k, n_chunks)
-            slots, dst, hit = self.buffer.assign(sel)
+            slots, dst = self.buffer.assign(sel, cache.hits)
             self._fill(sel, slots, dst)
             out, _ = sparse_attention(q, dense_k, dense_v, self.buffer.k, self.buffer.v, slots,
                                       chunk_tokens=C, causal=True, dense_len=dense_len)
             if not graphed:   # a replay counts on the host, after it (`ShadowKVGraphView.replayed`)
                 cache.selected += k * self.Hkv
-            cache.hits.add_(hit.sum())
         if self.cfg.measure_recall:
             self._measure(q, sel)
         return out
 
     def _fill(self, sel: torch.Tensor, slots: torch.Tensor, dst: torch.Tensor) -> None:
         """Values of the misses fetched into their slots (on the side stream on a GPU) while the keys of every
-        selected chunk are rebuilt from U and SV with RoPE, then scattered to their slots."""
+        selected chunk are rebuilt from U and SV with RoPE, into their slots."""
         cache, buf, lr = self.cache, self.buffer, self.lowrank
-        Hkv, k = sel.shape
         side = cache.side
         if side is not None:
             side.wait_stream(torch.cuda.current_stream(self.device))  # selection, slots: made on the main stream
@@ -245,10 +243,7 @@ class ShadowKVLayer:
                 self.chunks.fetch(1, sel, dst, buf.v, cache.moved)
         else:
             self.chunks.fetch(1, sel, dst, buf.v, cache.moved)
-        keys = torch.empty(Hkv, k * self.C, self.D, dtype=self.dtype, device=self.device)
-        lowrank_rope(lr.u, lr.sv, sel, cache.tables.cos, cache.tables.sin, keys, chunk_tokens=self.C)
-        width = self.C * self.D
-        buf.k.view(Hkv, -1, width).scatter_(1, slots[..., None].expand(-1, -1, width), keys.view(Hkv, k, width))
+        lowrank_rope(lr.u, lr.sv, sel, cache.tables.cos, cache.tables.sin, buf.k, chunk_tokens=self.C, dst=slots)
         if side is not None:
             torch.cuda.current_stream(self.device).wait_stream(side)  # the values land before the attention
 

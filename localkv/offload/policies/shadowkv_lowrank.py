@@ -75,6 +75,8 @@ class LowRankKeys:
         self.total = torch.zeros(2, **f32)   # the same over every token
         self.refreshes = 0
         self._reserved = 0
+        self.pending: torch.Tensor | None = None   # (block, cols) fp32: keys parked by graphed steps
+        self.parked = 0                           # rows - parked .. rows - 1 are parked there
 
     @property
     def rank(self) -> int:
@@ -85,6 +87,7 @@ class LowRankKeys:
         """Pre-RoPE keys ``k (T, Hkv, D)`` of tokens start.. (``start == rows``; their rotated copies are
         already in the store, which a refresh reads back)."""
         assert start == self.rows, f"low-rank keys at {self.rows}, appended at {start}"
+        self.flush()
         T = k.shape[0]
         flat = k.reshape(T, self.cols).float()                 # (T, cols)
         self._reserved = start + T                             # a refresh mid-append sizes U for all of it
@@ -102,25 +105,37 @@ class LowRankKeys:
                 self._block_end(self.rows)
             i = j
 
-    def append_at(self, pos: torch.Tensor, k: torch.Tensor) -> None:
-        """One key ``k (1, Hkv, D)`` at the device position ``pos (1,)``: `append` as a CUDA-graphed step runs
-        it, for a step the caller knows ends no block (the host's ``rows`` is advanced by `advance`)."""
-        flat = k.reshape(1, self.cols).float()
-        self.gram_part.addmm_(flat.T, flat)
-        self._project(pos, flat, into_part=True)
+    def append_at(self, row: torch.Tensor, k: torch.Tensor) -> None:
+        """One key ``k (1, Hkv, D)`` as a CUDA-graphed step appends it, for a step the caller knows ends no
+        block: the key is only parked, in row ``row (1,)`` (its position modulo ``block_tokens``) of a block-sized
+        buffer. Its U row, Gram and error sums wait for the next eager call (`flush`), which any call that reads
+        them makes first: no graphed step reads the U row of a token in the recent window, and the window
+        seals only in an eager step. The host's ``rows`` is advanced by `advance`."""
+        if self.pending is None:
+            self.pending = torch.zeros(self.block, self.cols, dtype=torch.float32, device=self.device)
+        self.pending.index_copy_(0, row, k.reshape(1, self.cols).float())
 
     def advance(self, n: int) -> None:
         """The host's count after graphed `append_at` steps."""
         self.rows = self._reserved = self.rows + n
+        self.parked += n
 
-    def _project(self, pos: int | torch.Tensor, piece: torch.Tensor, into_part: bool) -> None:
-        """U rows of ``piece (t, cols)`` at ``pos`` (an int, or a (t,) device tensor), and its reconstruction sums."""
+    @torch.inference_mode()   # also from stats(), outside it: the sums were made inside it
+    def flush(self) -> None:
+        """U rows, Gram and error sums of the keys parked by graphed steps: one matmul each for all of them.
+        The parked rows lie in one block (a block end is an eager step, which flushes)."""
+        if not self.parked:
+            return
+        a = self.rows - self.parked
+        piece = self.pending[a % self.block:a % self.block + self.parked]
+        self.parked = 0
+        self.gram_part.addmm_(piece.T, piece)
+        self._project(a, piece, into_part=True)
+
+    def _project(self, pos: int, piece: torch.Tensor, into_part: bool) -> None:
+        """U rows of ``piece (t, cols)`` at ``pos``, and its reconstruction sums."""
         c = piece @ self.basis                                 # (t, r) coordinates
-        if isinstance(pos, torch.Tensor):
-            assert not self.host, "a host U is written by the host: no graphed steps over it"
-            self.u.index_copy_(0, pos, c.to(self.dtype))
-        else:
-            self.u[pos:pos + piece.shape[0]] = c.to(self.dtype)
+        self.u[pos:pos + piece.shape[0]] = c.to(self.dtype)
         resid = piece - c @ self.basis.T                       # (t, cols) what the basis misses
         sums = torch.stack([resid.square().sum(), piece.square().sum()])
         self.total += sums
@@ -149,6 +164,7 @@ class LowRankKeys:
     def provisional(self) -> None:
         """Before the first block is complete: basis = SVD of every key so far (the layer calls this when it
         indexes chunks; cheap, fewer than ``block_tokens`` keys)."""
+        self.flush()
         if 0 < self.rows < self.block:
             self._set_basis(*self._svd(self.gram_part))
             self._reproject(self.rows)
@@ -205,6 +221,7 @@ class LowRankKeys:
         returns), the Gram sums lose the dropped keys. Call before the store drops them."""
         if n >= self.rows:
             return
+        self.flush()
         B = self.block
         lb, nb = self.rows // B * B, n // B * B
         popped = False
@@ -273,11 +290,12 @@ class LowRankKeys:
     # -- numbers -----------------------------------------------------------------------------------------
     def error(self) -> float:
         """Relative reconstruction error over every key, under the current basis (reads the device)."""
+        self.flush()
         res, norm = self.total.tolist()
         return math.sqrt(max(res, 0.0) / norm) if norm > 0 else 0.0
 
     def device_bytes(self) -> int:
-        held = [None if self.host else self.u, self.basis, self.sv, self.gram_full, self.gram_part]
+        held = [None if self.host else self.u, self.basis, self.sv, self.gram_full, self.gram_part, self.pending]
         return sum(t.numel() * t.element_size() for t in held if t is not None)
 
     def host_bytes(self) -> int:
