@@ -144,5 +144,5 @@ def assign_slots(sel, chunk_slot, slot_chunk, slot_age, step, n_slots: int, hits
         slot_age, slot_age.stride(0), step, order, order.stride(0), slots, dst, slots.stride(0),
         hits if hits is not None else step, k, n_slots,
         BLOCK_K=next_pow2(k), BLOCK_S=BLOCK_S, COUNT_HITS=hits is not None,
-        num_warps=4 if BLOCK_S <= 1024 else 8 if BLOCK_S <= 4096 else 16)
+        num_warps=16 if BLOCK_S <= 1024 else 8)   # H100: 514 slots 11.8 us (4 warps: 22.1); 4,096: 82 us
     return slots, dst
