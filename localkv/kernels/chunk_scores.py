@@ -18,9 +18,10 @@ A program scores its span, keeping the raw scores in a scratch buffer (fp32, G*T
 at D = 128) and its rows' running (max, Σexp). It then waits at a per-head barrier (an atomic counter),
 forms every row's LSE from the P programs' stats, and turns its own span's scores into probabilities.
 The waiting needs every program of the grid resident at once, so the launcher sizes P from the compiled
-kernel's occupancy and launches cooperatively (CUDA refuses a grid that cannot all be resident). On an H100 this one launch is faster than two passes with a launch between them
-(16K chunks: 21.9 µs against 22.7; 128K chunks: 116 µs against 143, one run). Under the CPU interpreter programs
-run one after another, so there P = 1 per head.
+kernel's occupancy and launches cooperatively (CUDA refuses a grid that cannot all be resident). On an H100
+this one launch is faster than two passes with a launch between them (16K chunks: 18.8 µs against 22.5;
+128K chunks: 118 µs against 143, one run). At 16K chunks the barrier costs ~3 µs of the 18.8
+(docs/benchmarks.md). Under the CPU interpreter programs run one after another, so there P = 1 per head.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from ._common import KERNEL_CALLS, _dot, check, dot_flags, interpreting, n_sms, 
 TILE = {"block_c": 64, "warps": 2, "stages": 3, "per_sm": 2}
 """Landmark tile and programs: chunks per loop step, warps, pipeline stages, most programs per SM. Swept on
 an H100 (scripts/sweep_kernels.py --scores-only; 16K and 128K chunks): 2 warps with 3 stages beat 4-8 warps at every
-tile; 2-4 programs per SM are within 2% of each other."""
+tile; 2 programs per SM beat 4 at 16K chunks (19.0 µs against 20.0) and are within 2% at 128K."""
 
 
 @triton.jit

@@ -121,7 +121,7 @@ def assign_slots(sel, chunk_slot, slot_chunk, slot_age, step, n_slots: int, hits
 
     Returns:
         slots (Hkv, k) int64: where each selected chunk is (or will be once fetched);
-        dst (Hkv, k) int64: the slot to fetch into, -1 for hits (the `gather_pinned` skip mask).
+        dst (Hkv, k) int64: the slot to fetch into, -1 for hits (the `gather_pages` skip mask).
     """
     Hkv, k = sel.shape
     check(sel.dtype == torch.long and chunk_slot.dtype == torch.long and slot_chunk.dtype == torch.long

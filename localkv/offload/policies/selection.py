@@ -95,7 +95,7 @@ class ChunkBuffer:
 
         Returns:
             slots (Hkv, k): where each selected chunk is (or will be once fetched);
-            dst (Hkv, k): the slot to fetch into, -1 for hits (the `gather_pinned` skip mask).
+            dst (Hkv, k): the slot to fetch into, -1 for hits (the fetch's skip mask).
         ``hits``, an optional int64 counter, is added the number of hits.
         """
         return assign_slots(sel, self.chunk_slot, self.slot_chunk, self.slot_age, self.step, self.n_slots, hits)
