@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from ._common import KERNEL_CALLS, check, next_pow2, tl, triton, use_triton
-from .gather_pinned import gather_pinned_ref
+from .gather_pinned import _words, gather_pinned_ref
 
 DISK_KIND = 2  # the ``moved`` row of entries whose page is on disk (seg_of = -1)
 
@@ -59,14 +59,6 @@ def _gather_pages_kernel(
     mask = move[:, None] & (offs_e < CHUNK_ELEMS)[None, :]
     x = tl.load(src[:, None] + h * head_words + run[:, None] * CHUNK_ELEMS + offs_e[None, :], mask=mask)
     tl.store(out_ptr + h * stride_oh + d[:, None] * CHUNK_ELEMS + offs_e[None, :], x, mask=mask)
-
-
-def _word(t: torch.Tensor) -> int:
-    """Bytes per element the kernel moves: 4 when rows, strides and address allow 4-byte words."""
-    esize = t.element_size()
-    ok = (esize < 4 and (t.shape[-1] * esize) % 4 == 0 and (t.stride(0) * esize) % 4 == 0
-          and t.data_ptr() % 4 == 0)
-    return 4 if ok else esize
 
 
 def segment_addresses(views: list[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -122,10 +114,9 @@ def gather_pages(views, seg_of, base, chunks, dst, out, *, chunk_tokens, page_to
     D = out.shape[2]
     check(out.stride(2) == 1 and out.stride(1) == D, "out[h] must be contiguous")
     elems = chunk_tokens * D
-    word = min(_word(out), *(_word(v) for v in views))
-    words = {4: torch.int32, 2: torch.int16, 1: torch.uint8}
-    out_w = out.view(words[word]) if word != out.element_size() else out
-    ratio = out.element_size() / word                   # elements -> words
+    as_words = [_words(t, elems)[0] for t in (out, *views)]   # 4-byte words where every buffer allows them
+    out_w = as_words[0] if len({t.dtype for t in as_words}) == 1 else out
+    ratio = out.element_size() / out_w.element_size()    # elements -> words
     if addr is None:
         addr = segment_addresses(views, out.device)
     check(addr.shape == (len(views),), "addr: one address per view")
