@@ -46,3 +46,44 @@ def test_decode_through_kernels_matches_references(dtype, monkeypatch, kernel_ra
         kernel_ran(op)
     tol = 1e-3 if dtype == torch.float32 else 5e-2
     assert (outs[1] - outs[0]).abs().max() <= tol * outs[0].abs().max()
+
+
+def test_graphed_step_through_kernels_matches_eager_references(monkeypatch, kernel_ran):
+    """The graphed step's view (`shadowkv_graph`: device positions, `rope_append` writing the token's K/V and
+    parking its key) through the kernels, against eager decode through the references."""
+    from test_model import _hf_and_ours
+
+    from localkv.offload.policies.shadowkv_graph import ShadowKVGraphView, plain_step
+
+    _, model, args = _hf_and_ours("llama", max_pos=4096)
+    model = model.to(DEVICE, torch.float32)
+    model.rope = type(model.rope)(args, DEVICE)
+    opts = dict(budget=48, page_tokens=32, window_tokens=64, block_tokens=64, rank=8)
+    ids = torch.randint(0, 100, (306,), device=DEVICE)
+    eager, viewed = (make_cache("shadowkv", args, 512, device=DEVICE, dtype=torch.float32, **opts) for _ in range(2))
+    length = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    plain = 0
+    with torch.inference_mode():
+        monkeypatch.setenv("LOCALKV_KERNELS", "ref")
+        model(ids[:300], eager)
+        model(ids[:300], viewed)
+        for t in range(300, 306):
+            monkeypatch.setenv("LOCALKV_KERNELS", "ref")
+            want = model(ids[t:t + 1], eager, decode=True)
+            monkeypatch.delenv("LOCALKV_KERNELS")
+            start = viewed.reserve(1)
+            if plain_step(viewed):
+                plain += 1
+                length.fill_(start + 1)
+                view = ShadowKVGraphView(viewed, start, length)
+                got = model.step(ids[t:t + 1], torch.tensor([start], device=DEVICE), view, decode=True)
+                view.replayed()
+                viewed.commit(1)
+            else:
+                got = model(ids[t:t + 1], viewed, decode=True)
+            assert (got - want).abs().max() <= 1e-3 * want.abs().max()
+    assert plain >= 4
+    kernel_ran("rope_append")
+    monkeypatch.setenv("LOCALKV_KERNELS", "ref")
+    for la, lb in zip(eager.layers, viewed.layers):   # the parked keys reached the Gram sums (flushed on read)
+        torch.testing.assert_close(la.lowrank.gram_full, lb.lowrank.gram_full, rtol=1e-4, atol=1e-3)

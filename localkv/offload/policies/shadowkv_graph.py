@@ -13,8 +13,9 @@ not measured, and the index is on the GPU (a host index is written by the host).
 (`graph_view` returns None), and the next plain one replays.
 
 A replay does what the eager step does on the device. It writes the token's K/V into the open page and the
-dense buffer at positions read from device tensors, parks its pre-RoPE key for the next eager step to
-project (its U row and Gram sums: `LowRankKeys.flush`), selects, reuses or fetches chunks, rebuilds keys and
+dense buffer at positions read from device tensors and parks its pre-RoPE key for the next eager step to
+project (its U row and Gram sums: `LowRankKeys.flush`), all in one launch with the RoPE of q and k
+(`kernels.rope_append`); then it selects, reuses or fetches chunks, rebuilds keys and
 attends. The host's counts (tokens, rows, chunks selected) are advanced after the replay
 (`ShadowKVGraphView.replayed`). Capture runs the step once eagerly first, to compile the kernels; the
 counters that run would add twice are saved and restored around it (`save` / `restore`). Its chunks
@@ -25,6 +26,8 @@ one step as all hits, one step in a few hundred.
 from __future__ import annotations
 
 import torch
+
+from ...kernels import rope_append
 
 
 def _plain(lay, start: int) -> bool:
@@ -85,15 +88,11 @@ class _GraphedLayer:
         if lay.layer == 0:
             view.begin(rp.pos)
         open_page = lay.cache.store.open[lay.layer]                  # (2, Hkv, P, D)
-        k_rot = rp.rotate(k).transpose(0, 1).to(open_page.dtype)     # (Hkv, 1, D)
-        vt = v.transpose(0, 1).to(open_page.dtype)
-        open_page[0].index_copy_(1, view.page_offset, k_rot)
-        open_page[1].index_copy_(1, view.page_offset, vt)
-        lay.lowrank.append_at(view.block_row(lay.lowrank.block), k)
         row, dense_len = view.dense_rows(lay.fixed - lay.W)
-        lay.dense_k.index_copy_(1, row, k_rot.to(lay.dtype))
-        lay.dense_v.index_copy_(1, row, vt.to(lay.dtype))
-        q = rp.rotate(q)
+        park = (lay.lowrank.parking(), view.block_row(lay.lowrank.block))
+        # One launch: RoPE on q and k; K/V into the open page and the dense buffer; the pre-RoPE key parked.
+        q = rope_append(q, k, v, rp.cos, rp.sin, [(open_page[0], open_page[1], view.page_offset),
+                                                   (lay.dense_k, lay.dense_v, row)], park)
         return lay._attend(q.to(lay.dtype), view.start + 1, dense_len=dense_len).to(q.dtype)
 
     prefill = decode
@@ -118,7 +117,7 @@ class ShadowKVGraphView:
         self._rows.clear()
 
     def block_row(self, block: int) -> torch.Tensor:
-        """The token's row in a block of ``block`` tokens, (1,) int64 (where `LowRankKeys.append_at` parks it)."""
+        """The token's row in a block of ``block`` tokens, (1,) int64 (where `LowRankKeys.parking` holds its key)."""
         key = ("block", block)
         if key not in self._rows:
             self._rows[key] = self.pos % block

@@ -105,18 +105,18 @@ class LowRankKeys:
                 self._block_end(self.rows)
             i = j
 
-    def append_at(self, row: torch.Tensor, k: torch.Tensor) -> None:
-        """One key ``k (1, Hkv, D)`` as a CUDA-graphed step appends it, for a step the caller knows ends no
-        block: the key is only parked, in row ``row (1,)`` (its position modulo ``block_tokens``) of a block-sized
-        buffer. Its U row, Gram and error sums wait for the next eager call (`flush`), which any call that reads
-        them makes first: no graphed step reads the U row of a token in the recent window, and the window
-        seals only in an eager step. The host's ``rows`` is advanced by `advance`."""
+    def parking(self) -> torch.Tensor:
+        """The buffer a CUDA-graphed step parks its key in, ``(block_tokens, cols)`` fp32: row ``position mod
+        block_tokens`` (`kernels.rope_append` writes it), for a step the caller knows ends no block. The key's U
+        row, Gram and error sums wait for the next eager call (`flush`), which any call that reads them makes
+        first: no graphed step reads the U row of a token in the recent window, and the window seals only in
+        an eager step. The host's ``rows`` is advanced by `advance`."""
         if self.pending is None:
             self.pending = torch.zeros(self.block, self.cols, dtype=torch.float32, device=self.device)
-        self.pending.index_copy_(0, row, k.reshape(1, self.cols).float())
+        return self.pending
 
     def advance(self, n: int) -> None:
-        """The host's count after graphed `append_at` steps."""
+        """The host's count after graphed steps parked ``n`` keys (`parking`)."""
         self.rows = self._reserved = self.rows + n
         self.parked += n
 
