@@ -74,6 +74,25 @@ def test_stream_events_and_max_tokens(llm):
     assert "".join(e.text for e in events) == llm.generate("hello there", max_tokens=7)
 
 
+def test_token_events_carry_stats_at_most_every_interval(llm, monkeypatch):
+    """Reading the cache's stats walks every layer on the host: the first token has them, then only tokens a
+    full interval later; Done has the final ones."""
+    from localkv.runtime import engine
+
+    def run():
+        seq = llm.engine.new_sequence()
+        params = engine.GenerationParams(max_tokens=6, stop_ids=[])   # no end of turn: six tokens
+        events = list(llm.engine.generate(seq, llm.engine.encode_raw("hello there"), params))
+        return events, [e for e in events if isinstance(e, TokenEvent) and e.token_ids]
+
+    monkeypatch.setattr(engine, "STATS_INTERVAL_S", 3600.0)
+    events, tokens = run()
+    assert len(tokens) == 6 and tokens[0].cache["tokens"] > 0 and not any(t.cache for t in tokens[1:])
+    assert events[-1].cache["tokens"] == tokens[0].cache["tokens"] + 5
+    monkeypatch.setattr(engine, "STATS_INTERVAL_S", 0.0)
+    assert all(t.cache for t in run()[1])
+
+
 def test_chat_appends_turns_to_the_kv(llm):
     chat = llm.chat(system="You are terse.")
     first = list(chat.send("The quick brown fox", max_tokens=12))

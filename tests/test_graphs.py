@@ -54,3 +54,31 @@ def test_cuda_graphs_replay_eager_decode(dtype):
             assert (got - want).abs().max() <= tol * want.abs().max()
     assert graphed.length == eager.length == 1100
     assert graphs.captures >= 2
+
+
+def test_decode_graphs_prepare_the_next_step_ahead(monkeypatch):
+    """`DecodeGraphs` on the CPU (`fake_graphs`): each step's view is prepared during the step before, across a
+    bucket's growth; a truncation and a prefill in between invalidate it. Logits equal eager decode's."""
+    from fake_graphs import cpu_graphs
+
+    _, model, args = _hf_and_ours("llama")
+    ids = torch.randint(0, 100, (1100,))
+    eager, graphed = make_cache("exact", args, 2048), make_cache("exact", args, 2048)
+    graphs = cpu_graphs(monkeypatch, model, graphed)
+    steps = 0
+    with torch.inference_mode():
+        model(ids[:1000], eager)
+        model(ids[:1000], graphed)
+        for t in range(1000, 1100):   # crosses the 1024-row bucket: a second graph, over grown buffers
+            if t == 1050:             # an edited turn: back to 1040, the same length again with other ids
+                other = torch.randint(0, 100, (10,))
+                for cache in (eager, graphed):
+                    cache.truncate(1040)
+                    model(other, cache)
+            want = model(ids[t:t + 1], eager, decode=True)[-1]
+            got = graphs(int(ids[t]))
+            steps += 1
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert graphed.length == eager.length == 1100
+    assert graphs.captures >= 2
+    assert graphs.prepared <= steps + 3   # one prepare a step: the first, and again after the edit

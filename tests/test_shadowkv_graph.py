@@ -92,3 +92,39 @@ def test_cuda_graphs_replay_eager_decode_over_the_tiers(tmp_path, dtype, monkeyp
     a, b = eager.stats(), graphed.stats()
     assert a["hit_rate"] - 1e-6 <= b["hit_rate"] <= a["hit_rate"] + graphs.captures / 200
     assert b["fetched_bytes_per_token"]["cpu"] > 0 or dtype != torch.float32   # bf16: all chunks stay buffered
+
+
+def test_decode_graphs_over_shadowkv_prepare_ahead(monkeypatch):
+    """`DecodeGraphs` on the CPU (`fake_graphs`; the view made as on a GPU, less the side stream): plain steps
+    replay, the others run eagerly, each step's view and signature are prepared during the step before, and
+    an edit (truncate, prefill) in between invalidates them. Logits equal a twin decoding eagerly."""
+    from fake_graphs import cpu_graphs
+
+    from localkv.offload.policies.shadowkv import ShadowKV
+
+    monkeypatch.setattr(ShadowKV, "static_view", lambda self, rows, length: (
+        ShadowKVGraphView(self, self.length, length) if plain_step(self) else None))
+    model, args = _model("cpu", torch.float32)
+    ids = torch.randint(0, 100, (460,))
+    eager, graphed = (make_cache("shadowkv", args, 1024, **OPTS) for _ in range(2))
+    graphs = cpu_graphs(monkeypatch, model, graphed)
+    replays = eager_steps = 0
+    with torch.inference_mode():
+        model(ids[:300], eager)
+        model(ids[:300], graphed)
+        for t in range(300, 460):   # page seals, block ends, window seals: eager steps between replays
+            if t == 400:            # an edited turn: back to 380, the same length again with other ids
+                other = torch.randint(0, 100, (20,))
+                for cache in (eager, graphed):
+                    cache.truncate(380)
+                    model(other, cache)
+            want = model(ids[t:t + 1], eager, decode=True)
+            got = graphs(int(ids[t]))
+            if got is None:
+                got = model(ids[t:t + 1], graphed, decode=True)[-1]
+                eager_steps += 1
+            else:
+                replays += 1
+            torch.testing.assert_close(got, want[-1], atol=1e-4, rtol=1e-4)
+    assert replays > 100 and eager_steps > 3 and graphs.captures >= 2
+    assert graphs.prepared <= replays + 2 * eager_steps + 3   # after a replay the next step comes prepared

@@ -17,7 +17,6 @@ import threading
 import zlib
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..errors import UserError

@@ -49,6 +49,9 @@ class KVCache(ABC):
         """Tokens committed so far."""
         self.n_layers = 0
         """Set by each policy."""
+        self.epoch = 0
+        """Counts `reserve` and `truncate` calls: work prepared for the next step (a graphed decode's view) is
+        still good while this has moved only by that step's own `reserve`."""
 
     @abstractmethod
     def layer(self, i: int) -> LayerKV:
@@ -60,6 +63,7 @@ class KVCache(ABC):
             raise ContextOverflowError(
                 f"{self.length + n:,} tokens do not fit in the context of {self.capacity:,} tokens "
                 f"({self.length:,} used, {n:,} new); start with a larger --ctx")
+        self.epoch += 1
         return self.length
 
     def commit(self, n: int) -> None:
@@ -70,6 +74,7 @@ class KVCache(ABC):
         """Drop every token from position ``n`` on."""
         if not 0 <= n <= self.length:
             raise ValueError(f"cannot truncate a cache of {self.length} tokens to {n}")
+        self.epoch += 1
         self.length = n
 
     # -- sessions on disk: the KV of a layer as fixed pages (rotated keys), and back ------------------------

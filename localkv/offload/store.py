@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import weakref
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch

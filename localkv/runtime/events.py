@@ -43,7 +43,9 @@ class TokenEvent(Event):
     tokens_per_s: float = 0.0
     """Decode speed so far in this reply."""
     cache: dict[str, Any] = field(default_factory=dict)
-    """The KV cache's stats after this step (tokens held, bytes per tier, bytes moved, hit rate)."""
+    """The KV cache's stats after this step (tokens held, bytes per tier, bytes moved, hit rate): on the first
+    token and then at most every ``engine.STATS_INTERVAL_S`` seconds, empty on the others. ``Done`` has the
+    final ones."""
 
 
 @dataclass

@@ -41,6 +41,7 @@ class DecodeGraphs:
         self.pool = torch.cuda.graph_pool_handle()   # one memory pool: the graphs never run at once
         self.buffers: tuple[int, ...] = ()
         self.captures = 0
+        self._ahead: tuple[tuple[int, int], tuple] | None = None   # ((start, epoch), _prepare(start))
 
     @staticmethod
     def supported(model, cache) -> bool:
@@ -53,18 +54,18 @@ class DecodeGraphs:
         cannot be graphed yet (the caller runs the step eagerly)."""
         cache = self.cache
         start = cache.reserve(1)
-        rows = bucket_rows(start + 1, cache.capacity)
-        view = cache.static_view(rows, self.length)
+        ahead, self._ahead = self._ahead, None
+        view, key, buffers = (ahead[1] if ahead is not None and ahead[0] == (start, cache.epoch)
+                              else self._prepare(start))
         if view is None:
             return None
-        if cache.buffers() != self.buffers:   # the KV grew into new buffers: every graph points at the old
+        if buffers != self.buffers:   # the KV grew into new buffers: every graph points at the old
             self.graphs.clear()
             self.pool = torch.cuda.graph_pool_handle()  # a pool is not reused once its graphs are gone
-            self.buffers = cache.buffers()
+            self.buffers = buffers
         self.tokens.fill_(token)
         self.pos.fill_(start)
         self.length.fill_(start + 1)
-        key = getattr(view, "key", rows)   # a view may serve every length with one graph
         if key not in self.graphs:
             self.graphs[key] = self._capture(view)
         graph, logits = self.graphs[key]
@@ -72,7 +73,25 @@ class DecodeGraphs:
         if hasattr(view, "replayed"):      # host state the replay cannot advance
             view.replayed()
         cache.commit(1)
-        return logits[-1].clone()  # the next replay overwrites the static output
+        out = logits[-1].clone()           # the next replay overwrites the static output
+        if start + 1 < cache.capacity:
+            # The next step's host work, while the GPU runs this one. Good while nothing else reserves or
+            # truncates in between (`KVCache.epoch`; the next call's own reserve adds one).
+            try:
+                self._ahead = ((start + 1, cache.epoch + 1), self._prepare(start + 1))
+            except Exception:  # noqa: BLE001 - this token is done; the next call prepares again and raises there
+                self._ahead = None
+        return out
+
+    def _prepare(self, start: int) -> tuple[object, object, tuple]:
+        """(view of the step decoding the token at ``start``, or None if it cannot be graphed; the key of its
+        graph; the cache's buffer signature). Host work, and the growth of the buffers the step needs, which
+        is ordered on the stream after any step still running."""
+        rows = bucket_rows(start + 1, self.cache.capacity)
+        view = self.cache.static_view(rows, self.length)
+        if view is None:
+            return None, None, ()
+        return view, getattr(view, "key", rows), self.cache.buffers()   # a view may serve every length with one graph
 
     def _capture(self, view) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         run = lambda: self.model.step(self.tokens, self.pos, view, decode=True)  # noqa: E731

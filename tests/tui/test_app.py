@@ -167,7 +167,10 @@ def test_reply_streams_and_input_is_locked(llm):
     run(go())
 
 
-def test_side_panel_numbers_change_while_generating(llm):
+def test_side_panel_numbers_change_while_generating(llm, monkeypatch):
+    from localkv.runtime import engine
+
+    monkeypatch.setattr(engine, "STATS_INTERVAL_S", 0.0)   # stats with every token (by default: every 0.25 s)
     chat = SteppedChat(llm.chat())
 
     async def go():

@@ -29,7 +29,7 @@ class _TieredExactLayer:
 
     def prefill(self, q, k, v, rp):
         cache, store = self.cache, self.cache.store
-        start, T = rp.start, k.shape[0]
+        start = rp.start
         P = store.geometry.page_tokens
         q, k = rp.rotate(q), rp.rotate(k)
         attn = ChunkAttention(q)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -76,7 +76,10 @@ class Outbox:
             if msg is not None:  # posted but not handled yet: merge into it
                 msg.text += text
                 msg.prefill = prefill or msg.prefill
-                if token is not None and (token.cache or msg.token is None):  # the tail token has no stats
+                prev = msg.token
+                if token is not None and (token.token_ids or prev is None):  # not the tail (text only)
+                    if not token.cache and prev is not None:   # most tokens carry no stats: keep the last
+                        token = replace(token, cache=prev.cache)
                     msg.token = token
                 msg.context_tokens = context_tokens
                 return
