@@ -64,6 +64,8 @@ def test_smoke_smollm2_shape_on_cpu(tmp_path):
         assert row[key] > 0, key
     assert row["decode_ms_p90"] >= row["decode_ms_median"]
     assert row["ratio"] == pytest.approx(row["decode_ms_median"] / row["floor_ms"])
+    assert 0 < row["weights_floor_ms"] < row["floor_ms"]   # the weights alone, without the KV
+    assert row["ratio_weights"] == pytest.approx(row["decode_ms_median"] / row["weights_floor_ms"])
     assert row["peak_bytes"]["gpu"] > 0 and row["tier_tokens"]["gpu"] >= 2048
     assert "hit_rate" in row and "moved_bytes_per_token" in row
     image = read_png((tmp_path / "r.png").read_bytes())  # the plot lands next to the JSON
@@ -90,6 +92,24 @@ def test_tiers_disk_and_peer_in_process(tmp_path, monkeypatch, capsys):
     assert rows[("hf full", 4096)]["decode_ms_median"] > 0
     assert rows[("hf offloaded", 4096)]["error"].startswith("n/a")
     assert read_png((tmp_path / "p.png").read_bytes()).shape == (480, 800, 3)
+
+
+def test_each_policy_runs_under_its_own_plan(tmp_path, monkeypatch, capsys):
+    """A ShadowKV row is planned as `localkv.load` plans ShadowKV (its index counted), not with exact's plan."""
+    from localkv.bench import runner
+
+    monkeypatch.setitem(SHAPES, "tiny", dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=256))
+    planned = []
+    make_plan = runner.make_plan
+    monkeypatch.setattr(runner, "make_plan", lambda *a, **kw: planned.append(kw["policy"]) or make_plan(*a, **kw))
+    code = main(["bench", "--shape", "tiny", "--ctx", "2K", "--synthetic-kv", "--policy", "shadowkv,exact",
+                 "--steps", "2", "--warmup", "1", "--json", str(tmp_path / "r.json")])
+    assert code == 0, capsys.readouterr().err
+    assert sorted(planned) == ["exact", "shadowkv"]
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert set(result["meta"]["tiers"]) == {"2048 exact", "2048 shadowkv"}
+    assert [r["label"] for r in result["rows"]] == ["shadowkv", "exact"]
+    assert all(r["ratio_weights"] > 0 for r in result["rows"])
 
 
 def test_a_failing_policy_is_a_failed_row_not_a_lost_run(tmp_path, monkeypatch, capsys):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..units import format_bytes, format_tokens
 
-_COLUMNS = ["ctx", "policy", "KV", "prefill tok/s", "ms/token", "p90", "floor ms", "ratio", "GPU tier", "CPU tier",
+_COLUMNS = ["ctx", "policy", "KV", "prefill tok/s", "ms/token", "p90", "floor ms", "ratio", "× weights", "GPU tier", "CPU tier",
             "disk tier", "H2D/tok", "disk/tok", "hit rate"]
 
 
@@ -26,11 +26,15 @@ def _cells(row: dict) -> list[str]:
     peak, moved = row.get("peak_bytes", {}), row.get("moved_bytes_per_token", {})
     return head + [
         row["kv"], _num(row["prefill_tok_s"], ",.0f"), _num(row["decode_ms_median"]), _num(row["decode_ms_p90"]),
-        _num(row["floor_ms"]), _num(row["ratio"], ".2f", "x"),
+        _num(row["floor_ms"]), _num(row["ratio"], ".2f", "x"), _num(row.get("ratio_weights"), ".2f", "x"),
         *(format_bytes(peak[t]) if t in peak else "n/a" for t in ("gpu", "cpu", "disk")),
         *(format_bytes(moved[k]) if k in moved else "n/a" for k in ("h2d", "disk_read")),
         _num(row.get("hit_rate"), ".1%"),
     ]
+
+
+def _weights_ms(result: dict) -> float | None:
+    return next((r["weights_floor_ms"] for r in result["rows"] if "weights_floor_ms" in r), None)
 
 
 def table(result: dict) -> str:
@@ -43,7 +47,8 @@ def table(result: dict) -> str:
              f"decode: median and p90 of {m['steps']} steps after {m['warmup']} warm-up"]
     if m["synthetic_kv"]:
         lines.append("KV synthesized straight into the tiers: prefill not measured")
-    lines.append("floor: weights + resident KV read once at the measured device, PCIe and disk rates")
+    lines.append("floor: weights + resident KV read once at the measured device, PCIe and disk rates; "
+                 f"× weights: against the weights alone at the device rate ({_num(_weights_ms(result))} ms)")
     grid = [_COLUMNS] + [_cells(row) for row in result["rows"]]
     measured = [_COLUMNS] + [_cells(row) for row in result["rows"] if "error" not in row]  # errors overflow
     widths = [max(len(r[i]) for r in (grid if i < 2 else measured)) for i in range(len(_COLUMNS))]

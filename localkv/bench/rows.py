@@ -59,15 +59,17 @@ def peak_bytes(stats: dict) -> dict[str, int]:
 
 def make_row(label: str, ctx: int, kv: str, prefill_s: float | None, times: list[float], tokens: dict[str, int],
              per_token: int, weights: int, ceilings: Ceilings, **extra) -> dict:
-    """One result: decode statistics and their floor (``ratio`` = measured median / floor)."""
+    """One result: decode statistics and their floors: ``ratio`` = measured median / the floor of reading the
+    whole context (`decode_floor_s`), ``ratio_weights`` = median / the weights alone at the device rate."""
     median_ms = 1e3 * statistics.median(times)
     floor_s = decode_floor_s(weights, {t: n * per_token for t, n in tokens.items()}, ceilings)
     floor_ms = None if floor_s is None else 1e3 * floor_s
+    weights_ms = 1e3 * decode_floor_s(weights, {}, ceilings)
     return {"label": label, "ctx": ctx, "kv": kv,
             "prefill_tok_s": ctx / prefill_s if prefill_s else None,
             "decode_ms_median": median_ms, "decode_ms_p90": 1e3 * percentile(times, 90), "steps": len(times),
             "tier_tokens": tokens, "floor_ms": floor_ms, "ratio": median_ms / floor_ms if floor_ms else None,
-            **extra}
+            "weights_floor_ms": weights_ms, "ratio_weights": median_ms / weights_ms, **extra}
 
 
 def failed_row(label: str, ctx: int, why: str) -> dict:

@@ -86,23 +86,27 @@ def variants(config: BenchConfig) -> list[Variant]:
     return out
 
 
-def _plans(config: BenchConfig, args: ModelArgs, source: str, device: torch.device, dtype: torch.dtype
-           ) -> dict[int, Plan]:
+def _plans(config: BenchConfig, args: ModelArgs, source: str, device: torch.device, dtype: torch.dtype,
+           policies: list[str]) -> dict[tuple[int, str], Plan]:
+    """The tier plan of every (context, policy), as `localkv.load` makes it: a policy's plan counts what it keeps
+    on the GPU besides pages (ShadowKV's index) and decides where that goes. Peers' rows use exact's."""
     weights = args.n_params() * dtype.itemsize
     gpu_mem = config.gpu_mem
     if gpu_mem is None and config.gpu_cap is not None and device.type == "cuda":
         gpu_mem = max(0, config.gpu_cap - weights - GPU_HEADROOM_BYTES)
     extra = config.warmup + config.steps + 1  # decode appends these after the context
+    user_tiers = config.gpu_mem is not None or config.cpu_mem is not None or config.disk is not None
     plans = {}
     for n in config.ctxs:
-        try:
-            plans[n] = make_plan(args, n + extra, model=source, device=device, kv_dtype=dtype,
+        for policy in dict.fromkeys(["exact", *policies]):
+            try:
+                plan = make_plan(args, n + extra, model=source, policy=policy, device=device, kv_dtype=dtype,
                                  weights_bytes=weights, gpu_mem=gpu_mem, cpu_mem=config.cpu_mem, disk=config.disk)
-        except ContextOverflowError as e:
-            raise ContextOverflowError(f"--ctx {format_tokens(n)} (+{extra} decoded tokens): {e}") from None
-        user_tiers = config.gpu_mem is not None or config.cpu_mem is not None or config.disk is not None
-        if not user_tiers and plans[n].gpu.tokens >= n + extra:
-            plans[n].tiered = False  # fits under the cap: the all-on-device path, as `localkv run` takes it
+            except ContextOverflowError as e:
+                raise ContextOverflowError(f"--ctx {format_tokens(n)} (+{extra} decoded tokens), {policy}: {e}") from None
+            if not user_tiers and plan.gpu.tokens >= n + extra:
+                plan.tiered = False  # fits under the cap: the all-on-device path, as `localkv run` takes it
+            plans[n, policy] = plan
     return plans
 
 
@@ -118,19 +122,29 @@ def _chunk(config: BenchConfig, device: torch.device) -> int:
 
 
 def _release(device: torch.device) -> None:
+    """Give back what the last row held: device memory, and the pinned host memory torch keeps cached for reuse
+    (a 1M-token row pins ~140 GB; the next row's arenas have other sizes and would not fit beside it)."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+        accelerator = getattr(torch, "accelerator", None)
+        empty_host = (getattr(accelerator, "empty_host_cache", None)            # torch >= 2.13
+                      or getattr(torch._C, "_host_emptyCache", None))          # older torch
+        if empty_host is not None:
+            empty_host()
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def run_policy(loaded: LoadedModel, variant: Variant, ctx: int, budgets: Budgets | None, config: BenchConfig,
+def run_policy(loaded: LoadedModel, variant: Variant, ctx: int, plan: Plan, config: BenchConfig,
                ceilings: Ceilings, progress: Callable[[str], None]) -> dict:
-    """Fill ``ctx`` tokens under one policy, decode ``warmup`` then ``steps`` tokens; the row."""
+    """Fill ``ctx`` tokens under one policy and its plan, decode ``warmup`` then ``steps`` tokens; the row."""
     model = loaded.model
     args, device, dtype = model.args, model.device, model.dtype
+    options = dict(variant.options)
+    if plan.index_tier and "index_tier" not in options:
+        options["index_tier"] = plan.index_tier   # the planner decided it, as `localkv.load` passes it on
     engine = Engine(loaded, ctx_tokens=ctx + config.warmup + config.steps + 1, policy=variant.policy,
-                    prefill_chunk=_chunk(config, device), budgets=budgets, kv_dtype=dtype, **variant.options)
+                    prefill_chunk=_chunk(config, device), budgets=_budgets(plan), kv_dtype=dtype, **options)
     seq = engine.new_sequence()
     try:
         prefill_s = None
@@ -211,7 +225,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda _: N
             raise UserError("--peer hf needs transformers (pip install transformers)") from None
     if config.disk is not None:
         check_writable(config.disk)
-    plans = _plans(config, args, source, device, dtype)
+    plans = _plans(config, args, source, device, dtype, [v.policy for v in todo])
 
     progress("measuring the machine's ceilings")
     ceilings = measure_ceilings(device, config.disk)
@@ -231,14 +245,15 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda _: N
     meta = {"model": source, "device": _device_name(device), "torch": torch.__version__,
             "transformers": transformers.__version__ if config.peers else None,
             "date": time.strftime("%Y-%m-%d %H:%M"), "dtype": dtype_name,
-            "weights_bytes": weights_bytes(model), "kv_bytes_per_token": plans[config.ctxs[0]].kv_bytes_per_token,
+            "weights_bytes": weights_bytes(model),
+            "kv_bytes_per_token": plans[config.ctxs[0], "exact"].kv_bytes_per_token,
             "steps": config.steps, "warmup": config.warmup, "synthetic_kv": config.synthetic_kv,
-            "gpu_cap_bytes": config.gpu_cap, "tiers": {n: _tiers(p) for n, p in plans.items()}}
+            "gpu_cap_bytes": config.gpu_cap, "tiers": {f"{n} {policy}": _tiers(p) for (n, policy), p in plans.items()}}
     result = {"meta": meta, "ceilings": ceilings.to_dict(), "rows": []}
     _release(device)  # the ceilings' buffers are not the rows' peak
 
-    def record(label: str, ctx: int, run: Callable[[], dict]) -> None:
-        progress(f"{label} at {ctx:,} tokens ({_tiers(plans[ctx])})")
+    def record(label: str, ctx: int, plan: Plan, run: Callable[[], dict]) -> None:
+        progress(f"{label} at {ctx:,} tokens ({_tiers(plan)})")
         result["rows"].append(_guarded(label, ctx, progress, run))
         _release(device)
         if checkpoint is not None:
@@ -246,9 +261,10 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda _: N
 
     for ctx in config.ctxs:
         for v in todo:
-            record(v.label, ctx, lambda: run_policy(loaded, v, ctx, _budgets(plans[ctx]), config, ceilings, progress))
+            plan = plans[ctx, v.policy]
+            record(v.label, ctx, plan, lambda: run_policy(loaded, v, ctx, plan, config, ceilings, progress))
         for kind in PEER_CACHES if hf is not None else ():
-            record(f"hf {kind}", ctx, lambda: peer_row(hf, kind, model, ctx, synthetic=config.synthetic_kv,
+            record(f"hf {kind}", ctx, plans[ctx, "exact"], lambda: peer_row(hf, kind, model, ctx, synthetic=config.synthetic_kv,
                                                        warmup=config.warmup, steps=config.steps,
                                                        chunk=_chunk(config, device), ceilings=ceilings))
     sync(device)
