@@ -27,9 +27,12 @@ MAX_BLOCK = 16384
 
 
 @triton.jit
-def _ordered_keys(s_ptr, offs, N):
-    """int32 keys ordered as the fp32 scores at ``offs`` (out of range: INT_MIN, below every score)."""
+def _ordered_keys(s_ptr, e_ptr, offs, N, HAS_EX: tl.constexpr):
+    """int32 keys ordered as the fp32 scores at ``offs`` (out of range: INT_MIN, below every score); a score
+    marked in the exclusion mask ``e_ptr`` (uint8) counts as -inf."""
     x = tl.load(s_ptr + offs, mask=offs < N, other=0.0)
+    if HAS_EX:
+        x = tl.where(tl.load(e_ptr + offs, mask=offs < N, other=0) != 0, float("-inf"), x)
     x = tl.where(x == 0.0, 0.0, x)                  # -0.0 ties with 0.0, as float comparison has it
     b = x.to(tl.int32, bitcast=True)
     key = b ^ ((b >> 31) & 0x7FFFFFFF)
@@ -37,14 +40,14 @@ def _ordered_keys(s_ptr, offs, N):
 
 
 @triton.jit
-def _count_at_least(s_ptr, keys, N, t, BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr):
+def _count_at_least(s_ptr, e_ptr, keys, N, t, BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr, HAS_EX: tl.constexpr):
     """#(key >= t) over the row (``keys``: the row's keys when it is one block)."""
     if ONE_BLOCK:
         c = tl.sum((keys >= t).to(tl.int32), 0)
     else:
         c = 0
         for n0 in range(0, N, BLOCK_N):
-            kb = _ordered_keys(s_ptr, n0 + tl.arange(0, BLOCK_N), N)
+            kb = _ordered_keys(s_ptr, e_ptr, n0 + tl.arange(0, BLOCK_N), N, HAS_EX)
             c += tl.sum((kb >= t).to(tl.int32), 0)
     return c
 
@@ -52,31 +55,33 @@ def _count_at_least(s_ptr, keys, N, t, BLOCK_N: tl.constexpr, ONE_BLOCK: tl.cons
 @triton.jit
 def _topk_ids_kernel(
     s_ptr, stride_s,          # scores (R, N) fp32: elements between rows; last dim contiguous
+    e_ptr, stride_e,          # exclusion mask (R, N) uint8 (when HAS_EX): nonzero scores count as -inf
     out_ptr, stride_o,        # ids (R, k) int64
     N, k,
-    BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr, HAS_EX: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
     s_ptr += r * stride_s
+    e_ptr += r * stride_e
     out_ptr += r * stride_o
     offs = tl.arange(0, BLOCK_N)
-    keys = _ordered_keys(s_ptr, offs, N)         # the whole row when ONE_BLOCK, else unused
+    keys = _ordered_keys(s_ptr, e_ptr, offs, N, HAS_EX)   # the whole row when ONE_BLOCK, else unused
     # Largest T with #(key >= T) >= k; lo always satisfies it, hi bounds it. int64: no overflow at the ends.
     lo = tl.full((), -2147483648, tl.int64)
     hi = tl.full((), 2147483647, tl.int64)
     for _ in range(32):
         mid = lo + (hi - lo + 1) // 2
-        ok = _count_at_least(s_ptr, keys, N, mid.to(tl.int32), BLOCK_N, ONE_BLOCK) >= k
+        ok = _count_at_least(s_ptr, e_ptr, keys, N, mid.to(tl.int32), BLOCK_N, ONE_BLOCK, HAS_EX) >= k
         lo = tl.where(ok, mid, lo)
         hi = tl.where(ok, hi, mid - 1)
     t = lo.to(tl.int32)
-    need_eq = k - _count_at_least(s_ptr, keys, N, t + 1, BLOCK_N, ONE_BLOCK)   # ties at T to take
+    need_eq = k - _count_at_least(s_ptr, e_ptr, keys, N, t + 1, BLOCK_N, ONE_BLOCK, HAS_EX)   # ties at T to take
     # Compaction in id order, a block at a time: written ids so far, ties at T seen so far.
     written = 0
     eq_seen = 0
     for n0 in range(0, N, BLOCK_N):
         if not ONE_BLOCK:
-            keys = _ordered_keys(s_ptr, n0 + offs, N)
+            keys = _ordered_keys(s_ptr, e_ptr, n0 + offs, N, HAS_EX)
         eq = keys == t
         eq_rank = eq_seen + tl.cumsum(eq.to(tl.int32), 0)              # 1-based rank among the ties
         take = (keys > t) | (eq & (eq_rank <= need_eq))
@@ -86,32 +91,42 @@ def _topk_ids_kernel(
         eq_seen += tl.sum(eq.to(tl.int32), 0)
 
 
-def topk_ids_ref(scores: torch.Tensor, k: int) -> torch.Tensor:
+def topk_ids_ref(scores: torch.Tensor, k: int, excluded: torch.Tensor | None = None) -> torch.Tensor:
     """Torch version of `topk_ids`: a stable descending sort (ties to the lowest id), the first k, sorted."""
+    if excluded is not None:
+        scores = scores.masked_fill(excluded, float("-inf"))
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
     return order.sort(dim=1).values
 
 
-def topk_ids(scores: torch.Tensor, k: int, out: torch.Tensor | None = None) -> torch.Tensor:
+def topk_ids(scores: torch.Tensor, k: int, out: torch.Tensor | None = None,
+             excluded: torch.Tensor | None = None) -> torch.Tensor:
     """The ids of the ``k`` largest entries of each row of ``scores`` (R, N) fp32, ascending: (R, k) int64.
 
-    Ties go to the lowest ids. ``0 <= k <= N``.
+    Ties go to the lowest ids. ``0 <= k <= N``. ``excluded``, an optional (R, N) bool mask, makes its entries
+    score -inf (read in the same pass: no masked copy of the scores).
     """
     check(scores.dim() == 2 and scores.dtype == torch.float32, "scores must be (R, N) fp32")
     R, N = scores.shape
     check(0 <= k <= N, f"k={k} must be in [0, N={N}]")
+    check(excluded is None or excluded.shape == (R, N) and excluded.dtype == torch.bool,
+          f"excluded must be a ({R}, {N}) bool mask")
     if out is None:
         out = torch.empty((R, k), dtype=torch.long, device=scores.device)
     check(out.shape == (R, k) and out.dtype == torch.long and out.stride(1) == 1, "out must be (R, k) int64")
-    if not use_triton(scores, out):
-        out.copy_(topk_ids_ref(scores, k))
+    if not use_triton(scores, out, excluded):
+        out.copy_(topk_ids_ref(scores, k, excluded))
         return out
     if R == 0 or k == 0:
         return out
     if scores.stride(1) != 1:
         scores = scores.contiguous()
+    mask = scores   # a placeholder pointer when there is no mask (HAS_EX off)
+    if excluded is not None:
+        mask = (excluded if excluded.stride(1) == 1 else excluded.contiguous()).view(torch.uint8)
     BLOCK_N = min(next_pow2(N), 256 if interpreting() else MAX_BLOCK)
     KERNEL_CALLS["topk_ids"] += 1
-    _topk_ids_kernel[(R,)](scores, scores.stride(0), out, out.stride(0), N, k,
-                           BLOCK_N=BLOCK_N, ONE_BLOCK=BLOCK_N >= N, num_warps=16 if BLOCK_N >= 8192 else 4)
+    _topk_ids_kernel[(R,)](scores, scores.stride(0), mask, mask.stride(0), out, out.stride(0), N, k,
+                           BLOCK_N=BLOCK_N, ONE_BLOCK=BLOCK_N >= N, HAS_EX=excluded is not None,
+                           num_warps=16 if BLOCK_N >= 8192 else 4)
     return out

@@ -25,6 +25,21 @@ def test_matches_reference(name, kernel_ran):
     torch.testing.assert_close(out, topk_ids_ref(scores, k))
 
 
+@pytest.mark.parametrize("name", ["decode", "blocks", "one"])
+def test_exclusion_mask_reads_as_minus_inf(name, kernel_ran):
+    """An exclusion mask (a column slice of a wider one, as the index keeps it) scores its entries -inf: the
+    same ids as masking the scores first, and with k up to the entries left, no excluded id is taken."""
+    R, N, k = CASES[name]
+    scores = torch.randn(R, N, device=DEVICE)
+    excluded = (torch.rand(R, N + 9, device=DEVICE) < 0.3)[:, :N]
+    k = min(k, int((~excluded).sum(1).min()))
+    out = topk_ids(scores, k, excluded=excluded)
+    kernel_ran("topk_ids")
+    torch.testing.assert_close(out, topk_ids_ref(scores.masked_fill(excluded, float("-inf")), k))
+    torch.testing.assert_close(out, topk_ids_ref(scores, k, excluded))
+    assert not excluded.gather(1, out).any()
+
+
 @pytest.mark.parametrize("N", [300, 1000])
 def test_ties_go_to_the_lowest_ids(N, kernel_ran):
     """Scores from a handful of values (negative, zero, positive, -inf): most of the k sit in ties."""

@@ -46,9 +46,8 @@ def select_chunks(q: torch.Tensor, landmarks: torch.Tensor, excluded: torch.Tens
         (Hkv, k) int64.
     """
     scores = chunk_scores(q, landmarks)                       # (Hkv, n_chunks) fp32, each in [0, T]
-    scores.masked_fill_(excluded, float("-inf"))
     # ids ascending (ties to the lowest): the attention sums in chunk order however the slots fell
-    return topk_ids(scores, k)
+    return topk_ids(scores, k, excluded=excluded)
 
 
 class ChunkBuffer:
