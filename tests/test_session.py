@@ -1,7 +1,6 @@
 """SmolLM2 over the tiered store: exact against the in-memory path over a long multi-turn chat,
 through truncate and save -> resume; and the faults a session must survive."""
 
-import os
 import subprocess
 import sys
 

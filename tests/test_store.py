@@ -1,7 +1,5 @@
 """The tiered store: exact attention however the KV is spread over GPU / CPU / disk, truncate, faults."""
 
-from pathlib import Path
-
 import pytest
 import torch
 

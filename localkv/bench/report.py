@@ -7,8 +7,8 @@ from pathlib import Path
 
 from ..units import format_bytes, format_tokens
 
-_COLUMNS = ["ctx", "policy", "KV", "prefill tok/s", "ms/token", "p90", "floor ms", "ratio", "× weights", "GPU tier", "CPU tier",
-            "disk tier", "H2D/tok", "disk/tok", "hit rate"]
+_COLUMNS = ["ctx", "policy", "KV", "prefill tok/s", "ms/token", "p90", "floor ms", "ratio", "× weights", "GPU tier",
+            "CPU tier", "disk tier", "H2D/tok", "disk/tok", "hit rate"]
 
 
 def _num(value, spec: str = ",.1f", suffix: str = "") -> str:

@@ -103,7 +103,8 @@ def _plans(config: BenchConfig, args: ModelArgs, source: str, device: torch.devi
                 plan = make_plan(args, n + extra, model=source, policy=policy, device=device, kv_dtype=dtype,
                                  weights_bytes=weights, gpu_mem=gpu_mem, cpu_mem=config.cpu_mem, disk=config.disk)
             except ContextOverflowError as e:
-                raise ContextOverflowError(f"--ctx {format_tokens(n)} (+{extra} decoded tokens), {policy}: {e}") from None
+                raise ContextOverflowError(
+                    f"--ctx {format_tokens(n)} (+{extra} decoded tokens), {policy}: {e}") from None
             if not user_tiers and plan.gpu.tokens >= n + extra:
                 plan.tiered = False  # fits under the cap: the all-on-device path, as `localkv run` takes it
             plans[n, policy] = plan
@@ -264,8 +265,8 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda _: N
             plan = plans[ctx, v.policy]
             record(v.label, ctx, plan, lambda: run_policy(loaded, v, ctx, plan, config, ceilings, progress))
         for kind in PEER_CACHES if hf is not None else ():
-            record(f"hf {kind}", ctx, plans[ctx, "exact"], lambda: peer_row(hf, kind, model, ctx, synthetic=config.synthetic_kv,
-                                                       warmup=config.warmup, steps=config.steps,
-                                                       chunk=_chunk(config, device), ceilings=ceilings))
+            record(f"hf {kind}", ctx, plans[ctx, "exact"], lambda: peer_row(
+                hf, kind, model, ctx, synthetic=config.synthetic_kv, warmup=config.warmup, steps=config.steps,
+                chunk=_chunk(config, device), ceilings=ceilings))
     sync(device)
     return result
