@@ -247,16 +247,21 @@ class KVStore:
         self.tokens[layer] = n_tokens
 
     def read_page(self, layer: int, index: int) -> torch.Tensor:
-        """One sealed page on the device, from wherever it lives (a slow path: truncation, sessions)."""
+        """One sealed page on the device, from wherever it lives (a slow path: truncation, sessions, the
+        chunks a sparse policy selects from disk). Counted in ``moved``."""
         entry = self.pages[layer][index]
         if entry.gpu >= 0:
             return self.gpu.page(layer, entry.gpu)
         if entry.cpu >= 0:
             self._host_ready()
-            return self.cpu.page(layer, entry.cpu).to(self.device)
-        buf = torch.empty(self.geometry.page_shape, dtype=self.geometry.dtype)
-        self.disk.read_into(layer, entry.disk, buf, verify=True)
-        return buf.to(self.device)
+            page = self.cpu.page(layer, entry.cpu)
+        else:
+            page = torch.empty(self.geometry.page_shape, dtype=self.geometry.dtype)
+            self.disk.read_into(layer, entry.disk, page, verify=True)
+            self.moved.disk_read += self.geometry.page_bytes
+        if self.device.type == "cuda":
+            self.moved.h2d += self.geometry.page_bytes
+        return page.to(self.device)
 
     # -- numbers -----------------------------------------------------------------------------------------
     def stats(self) -> dict:

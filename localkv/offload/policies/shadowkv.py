@@ -256,8 +256,11 @@ class ShadowKV(KVCache):
         ranks = [lay.lowrank.rank for lay in self.layers]
         errors = [lay.lowrank.error() for lay in self.layers]
         hits = int(self.hits)
+        store = self.store.stats()
+        if self.store.device.type == "cuda":   # the gather's reads of pinned memory (the store counts its own)
+            store["moved_bytes"]["h2d"] += moved[CPU_TIER]
         out = {
-            **super().stats(), **self.store.stats(),
+            **super().stats(), **store,
             "policy": "shadowkv",
             "budget_tokens": self.layers[0].budget_tokens() if self.length else 0,
             "chunks_selected": self.selected / max(1, self.decode_tokens * self.n_layers * g.n_kv_heads),
