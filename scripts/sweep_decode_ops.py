@@ -1,0 +1,88 @@
+"""Sweep (development aid): the graphed ShadowKV decode step's chunk selection and the 8B shape's projections.
+
+    python scripts/sweep_decode_ops.py [--topk-baseline FILE]
+
+- ``topk_ids`` on the rows a 128K ShadowKV step selects from (8 KV heads x 16,384 landmark scores from
+  ``chunk_scores`` on random queries and landmarks, k = 257), graphed: for several ``WARPS``,
+  against ``torch.topk`` + sort, and against another version of ``kernels/topk_ids.py`` given as a file
+  (``git show REV:localkv/kernels/topk_ids.py > old_topk_ids.py``) on the same rows.
+- The Llama-3.1-8B shape's one-token products (qkv, o, gate|up, down, lm_head), graphed, weights rotating
+  through copies larger than L2: ``F.linear`` on the (out, in) weight as the model stores it, and a matmul on
+  an (in, out) copy, each in GB/s and as a share of the device copy rate measured here.
+"""
+import importlib.util
+import sys
+
+import torch
+
+from localkv.bench.ceilings import copy_rate
+from localkv.kernels import chunk_scores, topk_ids, topk_ids_ref
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from bench_kernels import _bench_graphed  # noqa: E402
+
+tk = sys.modules["localkv.kernels.topk_ids"]   # the package re-exports a function of that name
+DT = torch.bfloat16
+hbm = copy_rate(2**30, "cuda") / 1e9
+print(f"HBM copy {hbm:.0f} GB/s", flush=True)
+rows = []
+
+
+def us(calls) -> float:
+    return 1e3 * _bench_graphed(calls)
+
+
+# --- topk_ids -------------------------------------------------------------------------------------------------
+HKV, G, D, C, K = 8, 4, 128, 16384, 257
+q = torch.randn(1, HKV * G, D, dtype=DT, device="cuda")
+score_sets = {
+    "landmark scores": chunk_scores(q, torch.randn(HKV, C, D, dtype=DT, device="cuda")),
+    "normal": torch.randn(HKV, C, device="cuda"),
+}
+baseline = None
+if "--topk-baseline" in sys.argv:
+    path = sys.argv[sys.argv.index("--topk-baseline") + 1]
+    spec = importlib.util.spec_from_file_location("localkv.kernels._baseline_topk_ids", path)
+    baseline = importlib.util.module_from_spec(spec)   # named inside localkv.kernels: its relative imports work
+    spec.loader.exec_module(baseline)
+for name, s in score_sets.items():
+    ref = topk_ids_ref(s, K)
+    out = torch.empty_like(ref)
+    t = us([lambda: torch.topk(s, K, dim=1).indices.sort(dim=1)] * 20)
+    rows.append((f"topk {name}", "torch.topk + sort", t, ""))
+    if baseline is not None:
+        ok = torch.equal(baseline.topk_ids(s, K, out=out), ref)
+        rows.append((f"topk {name}", "--topk-baseline", us([lambda: baseline.topk_ids(s, K, out=out)] * 20),
+                     "exact" if ok else "WRONG"))
+    default = tk.WARPS
+    for warps in (8, 16, 32):
+        tk.WARPS = warps
+        ok = torch.equal(topk_ids(s, K, out=out), ref)
+        rows.append((f"topk {name}", f"WARPS={warps}", us([lambda: topk_ids(s, K, out=out)] * 20),
+                     "exact" if ok else "WRONG"))
+        print(rows[-1], flush=True)
+    tk.WARPS = default
+
+# --- projections ----------------------------------------------------------------------------------------------
+x = torch.randn(1, 4096, dtype=DT, device="cuda")
+for name, (n_out, n_in) in {"qkv": (6144, 4096), "o": (4096, 4096), "gate|up": (28672, 4096),
+                            "down": (4096, 14336), "lm_head": (128256, 4096)}.items():
+    copies = max(2, -(-200 * 2**20 // (n_out * n_in * 2)))           # > 4 x L2 in all
+    ws = [torch.randn(n_out, n_in, dtype=DT, device="cuda") for _ in range(copies)]
+    xi = x if n_in == 4096 else torch.randn(1, n_in, dtype=DT, device="cuda")
+    nbytes = n_out * n_in * 2
+    t = us([lambda w=w: torch.nn.functional.linear(xi, w) for w in ws])
+    rows.append((f"{name} {n_out}x{n_in}", "F.linear, (out, in)", t, f"{nbytes / t / 1e3:.0f} GB/s, "
+                 f"{nbytes / t / 1e3 / hbm:.0%}"))
+    wts = [w.t().contiguous() for w in ws]
+    del ws
+    t = us([lambda w=w: xi @ w for w in wts])
+    rows.append((f"{name} {n_out}x{n_in}", "x @ W, (in, out)", t, f"{nbytes / t / 1e3:.0f} GB/s, "
+                 f"{nbytes / t / 1e3 / hbm:.0%}"))
+    del wts
+    print(rows[-2:], flush=True)
+
+print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}; graphed GPU time per call")
+print(f"{'what':<28} {'how':<24} {'us':>8}  note")
+for what, how, t, note in rows:
+    print(f"{what:<28} {how:<24} {t:8.1f}  {note}")
