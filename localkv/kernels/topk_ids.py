@@ -7,9 +7,9 @@ more than one pass of real work, so one program per row does it as a *radix sele
 1. Each fp32 score maps to an int32 key with the same order: the bits as an int for x >= 0, with the
    magnitude bits flipped for x < 0 (``b ^ ((b >> 31) & 0x7fffffff)``); -0.0 first becomes 0.0.
 2. Search the key range for the largest T with ``#(key >= T) >= k``, the row in registers when it fits in
-   one block. Each step is a block reduction, about a microsecond of latency on an H100 whatever the little
-   arithmetic it sums, so each step counts at two thresholds in one reduction (the two counts packed in one
-   int32) and keeps one third of the range: 21 steps where bisection took 32.
+   one block. Each step is a block reduction, mostly latency, so each step counts at two thresholds in one
+   reduction (the two counts packed in one int32) and keeps a third of the range: 21 steps where bisection
+   took 32, for more arithmetic a step (see ``WARPS`` for what it bought).
 3. Compact in id order: every key > T, then the first ``k - #(key > T)`` keys equal to T (ties go to
    the lowest ids). A running cumsum gives each taken element its output slot.
 
@@ -30,7 +30,7 @@ MAX_BLOCK = 16384
 WARPS = 8
 """Warps of a program whose block is 8K scores or more (4 below that). On an H100 at the 128K ShadowKV shape
 (8 rows of 16,384 landmark scores, k = 257; scripts/sweep_decode_ops.py, graphed): 29.9 µs at 8 warps, 33.5 at
-16, 43.1 at 32; the bisection it replaced took 31.9 µs (16 warps, same run)."""
+16, 43.1 at 32; the bisection it replaced took 31.9 µs at its 16 warps (same run; not timed at 8)."""
 
 
 @triton.jit
