@@ -16,6 +16,7 @@ the table is printed last.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -64,6 +65,18 @@ def _bench_graphed(calls) -> float:
         torch.cuda.synchronize()
         times.append(a.elapsed_time(b) / len(calls))
     return sorted(times)[len(times) // 2]
+
+
+def baseline_module(flag: str, name: str):
+    """Another version of a kernel file, given on the command line after ``flag`` (None without the flag),
+    loaded as ``localkv.kernels.<name>`` so that its relative imports work; for same-run comparisons."""
+    if flag not in sys.argv:
+        return None
+    path = sys.argv[sys.argv.index(flag) + 1]
+    spec = importlib.util.spec_from_file_location(f"localkv.kernels.{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _maxerr(a, b) -> float:

@@ -10,7 +10,6 @@
   through copies larger than L2: ``F.linear`` on the (out, in) weight as the model stores it, and a matmul on
   an (in, out) copy, each in GB/s and as a share of the device copy rate measured here.
 """
-import importlib.util
 import sys
 
 import torch
@@ -19,7 +18,7 @@ from localkv.bench.ceilings import copy_rate
 from localkv.kernels import chunk_scores, topk_ids, topk_ids_ref
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from bench_kernels import _bench_graphed  # noqa: E402
+from bench_kernels import _bench_graphed, baseline_module  # noqa: E402
 
 tk = sys.modules["localkv.kernels.topk_ids"]   # the package re-exports a function of that name
 DT = torch.bfloat16
@@ -39,12 +38,7 @@ score_sets = {
     "landmark scores": chunk_scores(q, torch.randn(HKV, C, D, dtype=DT, device="cuda")),
     "normal": torch.randn(HKV, C, device="cuda"),
 }
-baseline = None
-if "--topk-baseline" in sys.argv:
-    path = sys.argv[sys.argv.index("--topk-baseline") + 1]
-    spec = importlib.util.spec_from_file_location("localkv.kernels._baseline_topk_ids", path)
-    baseline = importlib.util.module_from_spec(spec)   # named inside localkv.kernels: its relative imports work
-    spec.loader.exec_module(baseline)
+baseline = baseline_module("--topk-baseline", "_baseline_topk_ids")
 for name, s in score_sets.items():
     ref = topk_ids_ref(s, K)
     out = torch.empty_like(ref)

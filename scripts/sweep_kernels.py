@@ -6,7 +6,6 @@
 run, e.g. the two-launch landmark scoring it replaced:
 ``git show 5a3a8bc:localkv/kernels/chunk_scores.py > old_chunk_scores.py``.
 """
-import importlib.util
 import sys
 
 import torch
@@ -18,7 +17,7 @@ from localkv.bench.ceilings import copy_rate
 from localkv.kernels import chunk_scores, chunk_scores_ref, sparse_attention
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from bench_kernels import _bench_graphed  # noqa: E402
+from bench_kernels import _bench_graphed, baseline_module  # noqa: E402
 
 sa = sys.modules["localkv.kernels.sparse_attention"]  # the package re-exports a function of that name
 
@@ -104,12 +103,7 @@ def graphed(calls):
     return 1e3 * _bench_graphed(calls)
 
 
-baseline = None
-if "--baseline" in sys.argv:
-    path = sys.argv[sys.argv.index("--baseline") + 1]
-    spec = importlib.util.spec_from_file_location("localkv.kernels._baseline_chunk_scores", path)
-    baseline = importlib.util.module_from_spec(spec)   # named inside localkv.kernels: its relative imports work
-    spec.loader.exec_module(baseline)
+baseline = baseline_module("--baseline", "_baseline_chunk_scores")
 
 summary = []
 for C in (16384, 131072):
