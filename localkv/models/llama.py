@@ -27,8 +27,9 @@ def pack(weights: list[torch.Tensor]) -> torch.Tensor:
 
     - CPU (MKL's gemv, the 2-core dev machine), for matrices with more outputs than inputs: 19.5 against
       11.8 GB/s for 30 layers of 3072x576; the lm_head 23 against 10 GB/s.
-    - H100 (cuBLAS, one token, graphed; scripts/sweep_decode_ops.py): Llama-3.1-8B's gate|up 82.4 against
-      87.4 µs, lm_head 359 against 380 µs, o 14.8 against 16.5 µs; qkv and down within 3%.
+    - H100 (cuBLAS, one token, graphed; scripts/sweep_decode_ops.py, docs/results/sweep_decode_ops_h100.log):
+      Llama-3.1-8B's o 14.9 against 16.5 µs, gate|up 83.1 against 85.1, lm_head 359 against 380; qkv and
+      down within 3%. So on a GPU the o and down projections are stored so too (`Attention.fuse`, `MLP.fuse`).
 
     Slices of the result are views, so the separate projections keep their names without a second copy.
     """
@@ -191,8 +192,9 @@ class Transformer(nn.Module):
         self.rope = Rope(args, self.embed_tokens.weight.device)
 
     def fuse(self) -> "Transformer":
-        """Fuse q/k/v and gate/up into single matrices (fewer, larger products per token; same numbers).
-        The separate projections stay, as views, so ``state_dict`` keeps its names and no memory is added."""
+        """Fuse q/k/v and gate/up into single matrices (fewer, larger products per token; same numbers), stored
+        input-major where one-token products read faster so (`pack`). The separate projections stay, as views,
+        so ``state_dict`` keeps its names and no memory is added."""
         for block in self.layers:
             block.self_attn.fuse()
             block.mlp.fuse()
