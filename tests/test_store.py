@@ -53,6 +53,25 @@ def test_pages_are_written_to_disk_once(tmp_path):
     assert store.moved.disk_write == disk_pages * store.geometry.page_bytes
 
 
+def test_reading_a_page_from_disk_counts_its_bytes(tmp_path):
+    """A page read back through `read_page` (truncation, sessions, a sparse policy's chunks on disk) is
+    counted in ``moved.disk_read``; pages already on the device cost nothing."""
+    _, model, args = _hf_and_ours("llama")
+    cache = make_cache("exact", args, 1024, budgets=_budgets(args, tmp_path, 1, 1, 16), page_tokens=16)
+    with torch.no_grad():
+        model(torch.randint(0, 100, (200,)), cache)
+    store = cache.store
+    on_disk = [i for i, e in enumerate(store.pages[0]) if e.tier == "disk"]
+    on_gpu = [i for i, e in enumerate(store.pages[0]) if e.tier == "gpu"]
+    assert on_disk and on_gpu
+    before = store.moved.disk_read
+    store.read_page(0, on_gpu[0])
+    assert store.moved.disk_read == before
+    page = store.read_page(0, on_disk[-1])
+    assert store.moved.disk_read == before + store.geometry.page_bytes
+    assert page.shape == store.geometry.page_shape
+
+
 def test_disk_budget_full_is_a_clear_error(tmp_path):
     _, model, args = _hf_and_ours("llama")
     cache = make_cache("exact", args, 1024, budgets=_budgets(args, tmp_path, 1, 1, 16, disk_pages=4),
