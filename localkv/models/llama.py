@@ -86,10 +86,10 @@ class Attention(nn.Module):
     def fuse(self) -> None:
         """One (q|k|v) matrix, read in one pass per token; the three projections become views into it."""
         self.qkv_weight = pack([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-        if self.o_proj.weight.is_cuda:   # (on a CPU the (out, in) layout reads as fast for a square matrix)
-            self.o_proj.weight = nn.Parameter(input_major(self.o_proj.weight), requires_grad=False)
         self.qkv_bias = (torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
                          if self.q_proj.bias is not None else None)
+        if self.o_proj.weight.is_cuda:   # (not measured on a CPU, where it stays as it is)
+            self.o_proj.weight = nn.Parameter(input_major(self.o_proj.weight), requires_grad=False)
         nq, nk = self.q_proj.weight.shape[0], self.k_proj.weight.shape[0]
         for proj, (a, b) in ((self.q_proj, (0, nq)), (self.k_proj, (nq, nq + nk)), (self.v_proj, (nq + nk, None))):
             proj.weight = nn.Parameter(self.qkv_weight[a:b], requires_grad=False)
