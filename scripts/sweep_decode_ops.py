@@ -1,6 +1,6 @@
 """Sweep (development aid): the graphed ShadowKV decode step's chunk selection and the 8B shape's projections.
 
-    python scripts/sweep_decode_ops.py [--topk-baseline FILE]
+    python scripts/sweep_decode_ops.py [--topk-baseline FILE] [--topk-only]
 
 - ``topk_ids`` on the rows a 128K ShadowKV step selects from (8 KV heads x 16,384 landmark scores from
   ``chunk_scores`` on random queries and landmarks, k = 257), graphed: for several ``WARPS``,
@@ -49,7 +49,7 @@ for name, s in score_sets.items():
         rows.append((f"topk {name}", "--topk-baseline", us([lambda: baseline.topk_ids(s, K, out=out)] * 20),
                      "exact" if ok else "WRONG"))
     default = tk.WARPS
-    for warps in (8, 16, 32):
+    for warps in (4, 8, 16):
         tk.WARPS = warps
         ok = torch.equal(topk_ids(s, K, out=out), ref)
         rows.append((f"topk {name}", f"WARPS={warps}", us([lambda: topk_ids(s, K, out=out)] * 20),
@@ -59,8 +59,11 @@ for name, s in score_sets.items():
 
 # --- projections ----------------------------------------------------------------------------------------------
 x = torch.randn(1, 4096, dtype=DT, device="cuda")
-for name, (n_out, n_in) in {"qkv": (6144, 4096), "o": (4096, 4096), "gate|up": (28672, 4096),
-                            "down": (4096, 14336), "lm_head": (128256, 4096)}.items():
+projections = {"qkv": (6144, 4096), "o": (4096, 4096), "gate|up": (28672, 4096), "down": (4096, 14336),
+               "lm_head": (128256, 4096)}
+if "--topk-only" in sys.argv:
+    projections = {}
+for name, (n_out, n_in) in projections.items():
     copies = max(2, -(-200 * 2**20 // (n_out * n_in * 2)))           # > 4 x L2 in all
     ws = [torch.randn(n_out, n_in, dtype=DT, device="cuda") for _ in range(copies)]
     xi = x if n_in == 4096 else torch.randn(1, n_in, dtype=DT, device="cuda")
