@@ -142,7 +142,8 @@ class Chat:
 def load(model: str | Path | None = None, *, ctx: str | int = "8K", policy: str = "exact",
          device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
          gpu_mem: str | int | None = None, cpu_mem: str | int | None = None, disk: str | Path | None = None,
-         kv_dtype: str | torch.dtype | None = None, session: str | Path | None = None) -> LLM:
+         kv_dtype: str | torch.dtype | None = None, session: str | Path | None = None,
+         policy_options: dict | None = None) -> LLM:
     """Load a model for generation.
 
     Args:
@@ -158,6 +159,8 @@ def load(model: str | Path | None = None, *, ctx: str | int = "8K", policy: str 
             does not fit in GPU and CPU memory.
         kv_dtype: dtype the KV is stored in (default: ``dtype``).
         session: a saved chat session to resume (``Chat.save``); its KV is read back, not recomputed.
+        policy_options: the policy's options (``ShadowKVConfig`` for shadowkv, e.g. ``{"budget": 1/16,
+            "exact_keys": False}``); the planner counts them where they change what the KV takes.
 
     Returns:
         An ``LLM``; ``llm.plan`` says what lives where.
@@ -180,12 +183,14 @@ def load(model: str | Path | None = None, *, ctx: str | int = "8K", policy: str 
     weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
     plan = make_plan(loaded.args, ctx_tokens, model=loaded.source.name, policy=policy, device=loaded.model.device,
                      kv_dtype=kv, weights_bytes=weights, gpu_mem=gpu_bytes, cpu_mem=cpu_bytes, disk=disk,
-                     default_disk=home() / "kv")
+                     default_disk=home() / "kv", options=policy_options)
     budgets = None
     if plan.tiered or kv != loaded.model.dtype:
         budgets = Budgets(plan.gpu.budget, plan.cpu.budget, Path(plan.disk_dir) if plan.disk_dir else None,
                           plan.disk.budget or None)
-    options = {"index_tier": plan.index_tier} if plan.index_tier else {}   # the planner decided it: not again
+    options = dict(policy_options or {})
+    if plan.index_tier and "index_tier" not in options:
+        options["index_tier"] = plan.index_tier   # the planner decided it: not again
     engine = Engine(loaded, ctx_tokens=ctx_tokens, policy=policy, budgets=budgets, kv_dtype=kv, **options)
     llm = LLM(loaded, engine)
     llm.plan = plan

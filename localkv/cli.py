@@ -29,6 +29,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disk", default=None, metavar="DIR",
                    help="directory for the disk tier (default: $LOCALKV_HOME/kv, used only when needed)")
     p.add_argument("--kv-dtype", default=None, help="dtype of the stored KV: fp32, fp16, bf16 (default: --dtype)")
+    p.add_argument("--policy-opt", default=None, metavar="KEY=VALUE,...",
+                   help="options of a sparse policy, comma-separated: exact_keys=false,rank=128")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--ctx", default="2K", help="contexts, comma-separated: 32K,128K,1M (default 2K)")
     bench.add_argument("--policy", default="exact", help="policies, comma-separated: exact,shadowkv (default: exact)")
     bench.add_argument("--budget", default=None, help="budget= of the sparse policies, comma-separated: 2048, 1/16")
+    bench.add_argument("--policy-opt", default=None, metavar="KEY=VALUE,...", help="options of every sparse "
+                       "policy's rows, comma-separated: exact_keys=false,rank=128")
     bench.add_argument("--gpu-mem", default=None, help="KV budget on the GPU, e.g. 4GB (default: what is free)")
     bench.add_argument("--cpu-mem", default=None, help="KV budget in pinned CPU memory, e.g. 16GB")
     bench.add_argument("--gpu-cap", default=None, help="cap this process's GPU memory, e.g. 24GB (a gaming card)")
@@ -124,12 +128,42 @@ def _validate_run(args) -> None:
         raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
 
 
+def _policy_options(text: str | None, policy: str | None = None) -> dict:
+    """``--policy-opt exact_keys=false,rank=128`` -> ``{"exact_keys": False, "rank": 128}``: true/false, none,
+    integers, decimals and fractions (1/16) become Python values, anything else stays a string (index_tier=cpu)."""
+    options = {}
+    for item in _split(text):
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or not key or not value:
+            raise UserError(f"--policy-opt wants KEY=VALUE pairs, got {item!r}")
+        options[key] = _option_value(value)
+    if options and policy == "exact":
+        raise UserError("--policy-opt sets options of a sparse policy (shadowkv); --policy is exact")
+    return options
+
+
+def _option_value(text: str):
+    from .units import parse_budget
+
+    if text.lower() in ("true", "false", "none"):
+        return {"true": True, "false": False, "none": None}[text.lower()]
+    if "/" in text:
+        return parse_budget(text)
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def cmd_run(args) -> int:
     from . import api
     from .units import parse_tokens
 
     _validate_run(args)
     parse_tokens(args.ctx)  # a bad --ctx fails before any loading
+    options = _policy_options(args.policy_opt, args.policy)
     prompt = None
     if args.prompt is not None:
         prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
@@ -137,7 +171,7 @@ def cmd_run(args) -> int:
             raise UserError("the prompt is empty")
     llm = api.load(args.model, ctx=args.ctx, policy=args.policy, device=args.device, dtype=args.dtype,
                    gpu_mem=args.gpu_mem, cpu_mem=args.cpu_mem, disk=args.disk, kv_dtype=args.kv_dtype,
-                   session=args.session)
+                   session=args.session, policy_options=options)
     options = dict(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed, top_k=args.top_k,
                    top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repeat_penalty)
     if prompt is not None:
@@ -170,6 +204,7 @@ def cmd_plan(args) -> int:
     from .units import parse_bytes, parse_tokens
 
     ctx = parse_tokens(args.ctx)
+    options = _policy_options(args.policy_opt, args.policy)
     if args.disk:
         check_writable(Path(args.disk).expanduser())
     model_args, path, _, _ = read_model_args(args.model)
@@ -180,7 +215,7 @@ def cmd_plan(args) -> int:
                      weights_bytes=model_args.n_params() * dtype.itemsize,
                      gpu_mem=parse_bytes(args.gpu_mem) if args.gpu_mem else None,
                      cpu_mem=parse_bytes(args.cpu_mem) if args.cpu_mem else None,
-                     disk=args.disk, default_disk=home() / "kv")
+                     disk=args.disk, default_disk=home() / "kv", options=options)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.table())
     return 0
 
@@ -237,6 +272,7 @@ def cmd_bench(args) -> int:
     config = BenchConfig(
         ctxs=[parse_tokens(c) for c in _split(args.ctx)], policies=_split(args.policy), model=args.model,
         shape=args.shape, budgets=[(b, parse_budget(b)) for b in _split(args.budget)],
+        options=_policy_options(args.policy_opt),
         gpu_mem=size(args.gpu_mem), cpu_mem=size(args.cpu_mem), gpu_cap=size(args.gpu_cap),
         disk=Path(args.disk).expanduser() if args.disk else None, peers=_split(args.peer),
         synthetic_kv=args.synthetic_kv, steps=args.steps, warmup=args.warmup, prefill_chunk=args.prefill_chunk,

@@ -1,4 +1,5 @@
-"""Shared fixtures: the embedded SmolLM2 GGUF, transformers' copy of it, and a writer of tiny GGUF files."""
+"""Shared fixtures: the embedded SmolLM2 GGUF, transformers' copy of it, a writer of tiny GGUF files, and the
+tiny random llamas the ShadowKV tests share."""
 
 from __future__ import annotations
 
@@ -48,3 +49,28 @@ def make_gguf(tmp_path):
         path = tmp_path / name
         return path, write_gguf(path, **kwargs)
     return make
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A 2-layer llama (Hq 4, Hkv 2, D 16) with weights wide enough that attention is not uniform."""
+    import torch
+
+    from test_model import _hf_and_ours
+
+    _, model, args = _hf_and_ours("llama", max_pos=4096)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    return model, args
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tmp_path_factory):
+    """`localkv.load` of a tiny random llama on the CPU (4K context, fp32)."""
+    import localkv
+    from tiny import write_model
+
+    return localkv.load(write_model(tmp_path_factory.mktemp("skv") / "m", "llama", max_position_embeddings=8192),
+                        ctx="4K", device="cpu", dtype="fp32")

@@ -112,6 +112,28 @@ def test_each_policy_runs_under_its_own_plan(tmp_path, monkeypatch, capsys):
     assert all(r["ratio_weights"] > 0 for r in result["rows"])
 
 
+def test_policy_options_reach_the_plan_and_the_rows(tmp_path, monkeypatch, capsys):
+    """``--policy-opt exact_keys=false``: the ShadowKV rows store values only, synthesized into the tiers, and are
+    planned at half the KV bytes per token; exact's rows take no options."""
+    from localkv.bench import runner
+
+    monkeypatch.setitem(SHAPES, "tiny", dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=256))
+    planned = {}
+    make_plan = runner.make_plan
+    monkeypatch.setattr(runner, "make_plan", lambda *a, **kw: planned.setdefault(kw["policy"], make_plan(*a, **kw)))
+    code = main(["bench", "--shape", "tiny", "--ctx", "2K", "--synthetic-kv", "--policy", "shadowkv,exact",
+                 "--policy-opt", "exact_keys=false", "--budget", "1/8", "--gpu-mem", "1.5MB", "--disk",
+                 str(tmp_path / "kv"), "--steps", "2", "--warmup", "1", "--json", str(tmp_path / "r.json")])
+    assert code == 0, capsys.readouterr().err
+    assert 2 * planned["shadowkv"].kv_bytes_per_token == planned["exact"].kv_bytes_per_token
+    sparse, exact = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert sparse["label"] == "shadowkv exact_keys=False budget=1/8" and exact["label"] == "exact"
+    assert sparse["options"] == {"exact_keys": False, "budget": 0.125} and exact["options"] == {}
+    stats = sparse["stats"]
+    assert stats["exact_keys"] is False and stats["basis_fixed"] and stats["disk_tokens"] > 0
+    assert sparse["decode_ms_median"] > 0
+
+
 def test_a_failing_policy_is_a_failed_row_not_a_lost_run(tmp_path, monkeypatch, capsys):
     import localkv.bench.runner as runner
     import localkv.runtime.engine as engine
@@ -141,6 +163,8 @@ def test_a_failing_policy_is_a_failed_row_not_a_lost_run(tmp_path, monkeypatch, 
     (["--shape", "smollm2-135m", "--policy", "magic"], ["magic"]),
     (["--shape", "smollm2-135m", "--peer", "vllm"], ["vllm"]),
     (["smollm2-135m", "--shape", "smollm2-135m"], ["--shape"]),
+    (["--shape", "smollm2-135m", "--policy", "shadowkv", "--policy-opt", "exact_keys"], ["--policy-opt", "KEY=VALUE"]),
+    (["--shape", "smollm2-135m", "--policy", "shadowkv", "--policy-opt", "exact_key=0"], ["exact_key"]),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, argv, words):
     code = main(["bench", *argv, "--json", str(tmp_path / "r.json")])

@@ -17,7 +17,6 @@ from localkv.offload.policies.shadowkv_fetch import StoreChunks
 from localkv.offload.policies.shadowkv_index import ChunkIndex
 from localkv.offload.policies.shadowkv_lowrank import LowRankKeys
 from localkv.offload.store import Budgets, KVStore
-from test_model import _hf_and_ours
 
 V = 100  # vocabulary of the tiny models
 
@@ -29,19 +28,8 @@ def torch_references(monkeypatch):
     monkeypatch.setenv("LOCALKV_KERNELS", "ref")
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    """A 2-layer llama (Hq 4, Hkv 2, D 16) with weights wide enough that attention is not uniform."""
-    _, model, args = _hf_and_ours("llama", max_pos=4096)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.2)
-    return model, args
-
-
-def _budgets(args, tmp_path, gpu_pages, cpu_pages, page):
-    page_bytes = 2 * args.n_kv_heads * page * args.head_dim * 4
+def _budgets(args, tmp_path, gpu_pages, cpu_pages, page, parts=2):
+    page_bytes = parts * args.n_kv_heads * page * args.head_dim * 4
     return Budgets(page_bytes * args.n_layers * gpu_pages, page_bytes * args.n_layers * cpu_pages, tmp_path)
 
 
@@ -196,9 +184,10 @@ def test_chunk_buffer_keeps_hits_and_fetches_only_misses():
             previous[h] = set(chosen)
 
 
-def test_chunks_are_fetched_from_every_tier(tmp_path):
+@pytest.mark.parametrize("parts", [2, 1], ids=["kv", "values_only"])
+def test_chunks_are_fetched_from_every_tier(tmp_path, parts):
     """Pages on the device, in CPU memory, on disk and the open page: a fetch puts each chunk in its slot."""
-    g = PageGeometry(1, 2, 4, 16, torch.float32)
+    g = PageGeometry(1, 2, 4, 16, torch.float32, parts=parts)
     store = KVStore(g, Budgets(3 * g.page_bytes, 4 * g.page_bytes, tmp_path), torch.device("cpu"))
     n = 16 * 11 + 10                                                           # the open page holds a whole chunk
     k, v = torch.randn(n, 2, 4), torch.randn(n, 2, 4)
@@ -266,15 +255,6 @@ def test_truncate_and_resume_continue_as_an_uninterrupted_run(tiny, tmp_path, ti
         got = [_greedy(model, x, model(W, x, all_logits=True), 40) for x in (a, c)]
         assert got[0][0] == got[1][0]
         torch.testing.assert_close(got[0][1], got[1][1], rtol=1e-4, atol=1e-4)
-
-
-@pytest.fixture(scope="module")
-def tiny_llm(tmp_path_factory):
-    import localkv
-    from tiny import write_model
-
-    return localkv.load(write_model(tmp_path_factory.mktemp("skv") / "m", "llama", max_position_embeddings=8192),
-                        ctx="4K", device="cpu", dtype="fp32")
 
 
 def _words(n):

@@ -19,19 +19,23 @@ def torch_references(monkeypatch):
     monkeypatch.setenv("LOCALKV_KERNELS", "ref")   # the kernels' own tests cover them; here, the step's logic
 
 
-def test_view_step_equals_eager_decode():
+@pytest.mark.parametrize("exact_keys", [True, False], ids=["kv", "values_only"])
+def test_view_step_equals_eager_decode(exact_keys):
     """Steps through `ShadowKVGraphView` (positions from device tensors, host counts advanced after), each run
-    twice with the warm-up's sums saved and restored in between, against a twin cache decoding eagerly."""
+    twice with the warm-up's sums saved and restored in between, against a twin cache decoding eagerly. With
+    ``exact_keys=False`` the step writes only the value into the open page (its key to a scratch page), and the
+    steps run inside the first block of 256 tokens, whose keys (parked ones too) the basis keeps to make itself."""
     model, args = _model("cpu", torch.float32)
     ids = torch.randint(0, 100, (460,))
+    prompt, opts = (300, OPTS) if exact_keys else (100, dict(OPTS, block_tokens=256))
     # rank 8 of 32 key columns: a reconstruction error well above rounding, so the parked keys' sums are checked
-    eager, viewed = (make_cache("shadowkv", args, 1024, **OPTS, rank=8) for _ in range(2))
+    eager, viewed = (make_cache("shadowkv", args, 1024, **opts, rank=8, exact_keys=exact_keys) for _ in range(2))
     length = torch.zeros(1, dtype=torch.int32)
     plain = 0
     with torch.inference_mode():
-        model(ids[:300], eager)
-        model(ids[:300], viewed)
-        for t in range(300, 460):   # crosses page seals, block ends and window seals: eager steps between
+        model(ids[:prompt], eager)
+        model(ids[:prompt], viewed)
+        for t in range(prompt, prompt + 160):   # crosses page seals, block ends and window seals: eager steps between
             want = model(ids[t:t + 1], eager, decode=True)
             start = viewed.reserve(1)
             if plain_step(viewed):
@@ -56,6 +60,10 @@ def test_view_step_equals_eager_decode():
     for la, lb in zip(eager.layers, viewed.layers):
         # parked keys are summed in one matmul, eager ones a row at a time: fp32 order differs
         torch.testing.assert_close(la.lowrank.gram_full, lb.lowrank.gram_full, rtol=1e-5, atol=1e-4)
+        if not exact_keys:   # the store's values alike, no keys kept beside them; the first block's keys alike
+            assert lb.cache.store.open.shape[1] == 1 and lb.lowrank.fixed
+            torch.testing.assert_close(lb.cache.store.open, la.cache.store.open)
+            torch.testing.assert_close(lb.lowrank.first, la.lowrank.first)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -154,3 +154,45 @@ def test_host_that_cannot_pin_is_a_clear_error(monkeypatch):
         pool.alloc(0)
     with pytest.raises(ContextOverflowError, match=r"for shadowkv landmarks"):   # U and landmarks' allocator
         index_zeros((2, 64, 64), torch.bfloat16, torch.device("cpu"), True, "shadowkv landmarks")
+
+
+def test_values_only_pages_round_trip_through_every_tier(tmp_path):
+    """A store of values only (``parts=1``, ShadowKV's ``exact_keys=False``): V written in pieces lands in GPU,
+    CPU and disk pages and reads back from each, K is never kept, truncation brings a cut page back from any tier,
+    and every tier holds half the bytes of a K+V store with the same pages."""
+    from localkv.offload.pages import KEYS, VALUES
+
+    both, values = (PageGeometry(2, 2, 8, 16, torch.float32, parts=p) for p in (2, 1))
+    assert values.page_shape == (1, 2, 16, 8) and 2 * values.page_bytes == both.page_bytes
+    assert values.part_index(VALUES) == 0 and both.part_index(VALUES) == 1 and both.part_index(KEYS) == 0
+    with pytest.raises(ValueError, match="values only"):
+        values.part_index(KEYS)
+    stores = {}
+    n = 16 * 9 + 5
+    k, v = torch.randn(2, n, 2, 8), torch.randn(2, n, 2, 8)    # per layer (T, Hkv, D)
+    for g in (both, values):
+        store = KVStore(g, Budgets(2 * 2 * g.page_bytes, 3 * 2 * g.page_bytes, tmp_path), torch.device("cpu"))
+        for layer in range(2):
+            for a in range(0, n, 23):
+                store.write(layer, a, k[layer, a:a + 23] if g.parts == 2 else None, v[layer, a:a + 23])
+        stores[g.parts] = store
+    store = stores[1]
+    assert {e.tier for e in store.pages[1]} == {"gpu", "cpu", "disk"} and store.open.shape[1] == 1
+    for layer in range(2):
+        for index in range(len(store.pages[layer])):
+            page = store.read_page(layer, index)                  # (1, Hkv, P, D)
+            assert page.shape == values.page_shape
+            assert torch.equal(page[0], v[layer, index * 16:(index + 1) * 16].transpose(0, 1))
+    a, b = stores[2].stats(), store.stats()
+    for key in ("gpu_bytes", "cpu_bytes", "disk_bytes"):
+        assert b[key] * 2 == a[key] > 0, key
+    assert b["moved_bytes"]["disk_write"] * 2 == a["moved_bytes"]["disk_write"]
+    cut_tiers = set()
+    for cut in (16 * 8 + 3, 16 * 5 + 9, 7):
+        cut_tiers.add(store.pages[0][cut // 16].tier)
+        store.truncate(cut)
+        assert torch.equal(store.open_page(0)[0, :, :cut % 16], v[0, cut // 16 * 16:cut].transpose(0, 1))
+        store.write(0, cut, None, v[0, cut:cut + 40])             # and on from there
+        assert torch.equal(store.read_page(0, cut // 16)[0], v[0, cut // 16 * 16:cut // 16 * 16 + 16].transpose(0, 1))
+        store.truncate(cut)
+    assert cut_tiers == {"gpu", "cpu", "disk"}                    # a cut page came back from each tier

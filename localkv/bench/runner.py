@@ -51,6 +51,8 @@ class BenchConfig:
     """A named architecture (``shapes.SHAPES``) with random weights, instead of ``model``."""
     budgets: list[tuple[str, int | float]] = field(default_factory=list)
     """(as typed, value) pairs passed as ``budget=`` to every policy but exact, one row each."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Options passed to every policy but exact (``--policy-opt``), e.g. ``{"exact_keys": False}``."""
     gpu_mem: int | None = None
     cpu_mem: int | None = None
     gpu_cap: int | None = None
@@ -79,10 +81,15 @@ def variants(config: BenchConfig) -> list[Variant]:
     for policy in config.policies:
         if policy not in POLICIES:
             raise UserError(f"unknown policy {policy!r} (available: {', '.join(POLICIES)})")
-        if policy == "exact" or not config.budgets:
+        if policy == "exact":
             out.append(Variant(policy, {}, policy))
+            continue
+        label = " ".join([policy] + [f"{k}={v}" for k, v in config.options.items()])
+        if not config.budgets:
+            out.append(Variant(policy, dict(config.options), label))
         else:
-            out += [Variant(policy, {"budget": value}, f"{policy} budget={text}") for text, value in config.budgets]
+            out += [Variant(policy, {**config.options, "budget": value}, f"{label} budget={text}")
+                    for text, value in config.budgets]
     return out
 
 
@@ -101,8 +108,11 @@ def _plans(config: BenchConfig, args: ModelArgs, source: str, device: torch.devi
         for policy in dict.fromkeys(["exact", *policies]):
             try:
                 plan = make_plan(args, n + extra, model=source, policy=policy, device=device, kv_dtype=dtype,
-                                 weights_bytes=weights, gpu_mem=gpu_mem, cpu_mem=config.cpu_mem, disk=config.disk)
+                                 weights_bytes=weights, gpu_mem=gpu_mem, cpu_mem=config.cpu_mem, disk=config.disk,
+                                 options=None if policy == "exact" else config.options)
             except ContextOverflowError as e:
+                if policy == "exact" and "exact" not in policies:
+                    continue   # planned only for the peers' rows, which then say the context does not fit
                 raise ContextOverflowError(
                     f"--ctx {format_tokens(n)} (+{extra} decoded tokens), {policy}: {e}") from None
             if not user_tiers and plan.gpu.tokens >= n + extra:
@@ -247,7 +257,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda _: N
             "transformers": transformers.__version__ if config.peers else None,
             "date": time.strftime("%Y-%m-%d %H:%M"), "dtype": dtype_name,
             "weights_bytes": weights_bytes(model),
-            "kv_bytes_per_token": plans[config.ctxs[0], "exact"].kv_bytes_per_token,
+            "kv_bytes_per_token": kv_bytes_per_token(args, dtype),
             "steps": config.steps, "warmup": config.warmup, "synthetic_kv": config.synthetic_kv,
             "gpu_cap_bytes": config.gpu_cap, "tiers": {f"{n} {policy}": _tiers(p) for (n, policy), p in plans.items()}}
     result = {"meta": meta, "ceilings": ceilings.to_dict(), "rows": []}
@@ -265,6 +275,9 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda _: N
             plan = plans[ctx, v.policy]
             record(v.label, ctx, plan, lambda: run_policy(loaded, v, ctx, plan, config, ceilings, progress))
         for kind in PEER_CACHES if hf is not None else ():
+            if (ctx, "exact") not in plans:
+                result["rows"].append(failed_row(f"hf {kind}", ctx, "n/a (past every tier)"))
+                continue
             record(f"hf {kind}", ctx, plans[ctx, "exact"], lambda: peer_row(
                 hf, kind, model, ctx, synthetic=config.synthetic_kv, warmup=config.warmup, steps=config.steps,
                 chunk=_chunk(config, device), ceilings=ceilings))

@@ -2,7 +2,9 @@
 
 A page holds ``page_tokens`` consecutive tokens of one layer, K and V of every KV head, laid out
 ``(2, Hkv, page_tokens, D)``: K at [0], V at [1], and within each a run of tokens of one head is contiguous
-(``page_tokens * D`` elements), so sub-runs of a page can be gathered straight from pinned memory.
+(``page_tokens * D`` elements), so sub-runs of a page can be gathered straight from pinned memory. A store of
+values only (``parts=1``: ShadowKV with ``exact_keys=False``, which rebuilds keys from its low-rank index) has
+pages ``(1, Hkv, page_tokens, D)``, V at [0]; `PageGeometry.part_index` says where K or V sits in either.
 KV is append-only: a full ("sealed") page never changes, so a page written to disk is never dirty.
 The page being filled (the "open" page of each layer) stays in device memory until it is full.
 """
@@ -18,6 +20,7 @@ from ..errors import ContextOverflowError
 from ..units import format_bytes
 
 DISK_ALIGN = 4096  # O_DIRECT needs offsets, sizes and buffers aligned to the logical block size
+KEYS, VALUES = 0, 1  # the parts of a page, as callers name them (`PageGeometry.part_index`: where each sits)
 
 
 def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype, what: str) -> torch.Tensor:
@@ -39,14 +42,26 @@ class PageGeometry:
     head_dim: int
     page_tokens: int
     dtype: torch.dtype
+    parts: int = 2
+    """Tensors a page holds: 2 is K and V, 1 is V alone (a policy that keeps no exact keys)."""
+
+    def __post_init__(self):
+        if self.parts not in (1, 2):
+            raise ValueError(f"a page holds K and V (parts=2) or V alone (parts=1), not parts={self.parts}")
 
     @property
     def page_shape(self) -> tuple[int, int, int, int]:
-        return (2, self.n_kv_heads, self.page_tokens, self.head_dim)
+        return (self.parts, self.n_kv_heads, self.page_tokens, self.head_dim)
 
     @property
     def page_bytes(self) -> int:
-        return 2 * self.n_kv_heads * self.page_tokens * self.head_dim * self.dtype.itemsize
+        return self.parts * self.n_kv_heads * self.page_tokens * self.head_dim * self.dtype.itemsize
+
+    def part_index(self, part: int) -> int:
+        """Where ``KEYS`` or ``VALUES`` sit along a page's first axis: V is always the last part."""
+        if part == KEYS and self.parts == 1:
+            raise ValueError("this store keeps values only (parts=1): its pages hold no keys")
+        return part - 2 + self.parts
 
     @property
     def slot_bytes(self) -> int:
@@ -107,11 +122,11 @@ class PagePool:
         self.free[layer].append(slot)
 
     def page(self, layer: int, slot: int) -> torch.Tensor:
-        """The (2, Hkv, P, D) view of a slot."""
+        """The (parts, Hkv, P, D) view of a slot."""
         return self.arenas[layer][slot // self.arena_pages][slot % self.arena_pages]
 
     def run(self, layer: int, slot: int, n: int) -> torch.Tensor | None:
-        """Slots slot..slot+n-1 as one (n, 2, Hkv, P, D) view when they share an arena, else None."""
+        """Slots slot..slot+n-1 as one (n, parts, Hkv, P, D) view when they share an arena, else None."""
         a, i = divmod(slot, self.arena_pages)
         arena = self.arenas[layer][a]
         return arena[i:i + n] if i + n <= arena.shape[0] else None

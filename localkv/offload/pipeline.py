@@ -126,7 +126,7 @@ class BlockReader:
         self.store.moved.h2d += n * self.store.geometry.page_bytes
 
     def blocks(self, layer: int):
-        """Yield (first_page, kv (n, 2, Hkv, P, D) on the device) for the layer's sealed pages, in order."""
+        """Yield (first_page, kv (n, parts, Hkv, P, D) on the device) for the layer's sealed pages, in order."""
         for run in self.store.runs(layer, self.n_tokens, self.block_pages):
             if run.tier == GPU:
                 yield run.first, self.store.gpu.run(layer, run.slot, run.n)

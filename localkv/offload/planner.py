@@ -120,16 +120,23 @@ def make_plan(args: ModelArgs, ctx_tokens: int, *, model: str = "model", policy:
               device: torch.device | str = "cpu", kv_dtype: torch.dtype = torch.bfloat16,
               weights_bytes: int | None = None, gpu_mem: int | None = None, cpu_mem: int | None = None,
               disk: Path | str | None = None, disk_mem: int | None = None, default_disk: Path | None = None,
-              bandwidths: Bandwidths | None = None) -> Plan:
+              bandwidths: Bandwidths | None = None, options: dict | None = None) -> Plan:
     """Decide the tiers for ``ctx_tokens`` of KV; raises ContextOverflowError when it cannot fit.
 
     Budgets given by the user are used as they are; the others come from the machine. A disk tier is used
     when the user names ``disk``, or when GPU and CPU cannot hold the context and ``default_disk`` is given.
+    ``options`` are the policy's (``make_cache(..., **options)``): shadowkv's ``exact_keys=False`` stores values
+    only, half the bytes per token.
     """
     device = torch.device(device)
     bw = bandwidths or Bandwidths()
     elt = torch.empty((), dtype=kv_dtype).element_size()
-    per_token = 2 * args.n_layers * args.n_kv_heads * args.head_dim * elt
+    parts = 2
+    if policy == "shadowkv":
+        from .policies.shadowkv import store_parts
+
+        parts = store_parts(options or {})
+    per_token = parts * args.n_layers * args.n_kv_heads * args.head_dim * elt
     weights = weights_bytes if weights_bytes is not None else args.n_params() * 2
     need = per_token * ctx_tokens
     disk_dir = Path(disk).expanduser() if disk is not None else None
@@ -190,6 +197,9 @@ def make_plan(args: ModelArgs, ctx_tokens: int, *, model: str = "model", policy:
         plan.notes.append(f"shadowkv keeps {format_bytes(index_bytes)} of index {where}, and reads "
                           f"{format_bytes(step_bytes)} of values a step at full context "
                           f"(fewer with chunks reused from the step before)")
+        if parts == 1:
+            plan.notes.append("shadowkv with exact_keys=False stores values only (keys come from its low-rank "
+                              "index): half the KV bytes, no session save, truncation only within the recent window")
     if ctx_tokens > args.max_seq_len:
         plan.notes.append(f"the model was trained on {args.max_seq_len:,} tokens; past that its answers may degrade")
     return plan

@@ -51,6 +51,9 @@ def _bytes(t: torch.Tensor) -> memoryview:
 def save(path: Path, cache, ids: list[int], messages: list[dict], model: dict, extra: dict | None = None) -> None:
     """Write ``cache`` (its first ``len(ids)`` tokens) and the conversation to ``path`` atomically."""
     path = Path(path).expanduser()
+    n_tokens = len(ids)
+    # Asked for before anything is written: a cache that cannot export its KV says so here (UserError).
+    exports = [cache.export_pages(layer, n_tokens, PAGE_TOKENS) for layer in range(cache.n_layers)]
     try:
         path.mkdir(parents=True, exist_ok=True)
         old = sorted(p for p in path.glob("gen-*") if p.is_dir())
@@ -58,13 +61,12 @@ def save(path: Path, cache, ids: list[int], messages: list[dict], model: dict, e
         gen = path / f"gen-{number:04d}"
         shutil.rmtree(gen, ignore_errors=True)
         gen.mkdir()
-        n_tokens = len(ids)
         checksums = []
         dtype = None
-        for layer in range(cache.n_layers):
+        for layer, pages in enumerate(exports):
             sums = []
             with open(gen / f"layer_{layer:03d}.kv", "wb") as f:
-                for page in cache.export_pages(layer, n_tokens, PAGE_TOKENS):  # (2, Hkv, P, D) on any device
+                for page in pages:  # (2, Hkv, P, D) on any device
                     data = page.cpu()
                     dtype = data.dtype
                     view = _bytes(data)

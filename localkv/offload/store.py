@@ -1,6 +1,7 @@
 """The tiered KV store: pages on the GPU, in pinned CPU memory and on disk, each tier with a byte budget.
 
-    store.write(layer, start, k, v)    append tokens start.. of one layer (k, v: (T, Hkv, D) on the device)
+    store.write(layer, start, k, v)    append tokens start.. of one layer (k, v: (T, Hkv, D) on the device;
+                                       k is ignored by a store of values only, ``geometry.parts == 1``)
     store.runs(layer, n_tokens)        where the layer's first n tokens live, as runs of consecutive pages
     store.open_page(layer)             the page being filled, on the device
     store.truncate(n)                  drop every token from n on (pages past it are released everywhere)
@@ -27,7 +28,7 @@ import torch
 
 from ..errors import ContextOverflowError
 from .disk import DiskTier
-from .pages import PageGeometry, PagePool
+from .pages import KEYS, VALUES, PageGeometry, PagePool
 
 GPU, CPU, DISK = "gpu", "cpu", "disk"
 
@@ -110,17 +111,20 @@ class KVStore:
         self.moved = MoveCounters()
 
     # -- writing -----------------------------------------------------------------------------------------
-    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store tokens ``start .. start+T-1`` of ``layer``; k, v are (T, Hkv, D) on the device."""
+    def write(self, layer: int, start: int, k: torch.Tensor | None, v: torch.Tensor) -> None:
+        """Store tokens ``start .. start+T-1`` of ``layer``; k, v are (T, Hkv, D) on the device. A store of
+        values only (``geometry.parts == 1``) ignores k, which may be None."""
         if start != self.tokens[layer]:
             self.truncate_layer(layer, start)  # a forward that failed half-way left a tail: drop it
-        P = self.geometry.page_tokens
-        T, pos, i = k.shape[0], start, 0
+        g = self.geometry
+        P, keys, values = g.page_tokens, g.parts == 2, g.part_index(VALUES)
+        T, pos, i = v.shape[0], start, 0
         while i < T:
             page, off = divmod(pos, P)
             n = min(P - off, T - i)
-            self.open[layer, 0, :, off:off + n] = k[i:i + n].transpose(0, 1)
-            self.open[layer, 1, :, off:off + n] = v[i:i + n].transpose(0, 1)
+            if keys:
+                self.open[layer, KEYS, :, off:off + n] = k[i:i + n].transpose(0, 1)
+            self.open[layer, values, :, off:off + n] = v[i:i + n].transpose(0, 1)
             if off + n == P:
                 self._seal(layer)  # may raise (disk full): tokens[layer] still counts only what is stored
             pos, i = pos + n, i + n
@@ -217,7 +221,7 @@ class KVStore:
         return self.gpu if tier == GPU else self.cpu
 
     def open_page(self, layer: int) -> torch.Tensor:
-        """The page being filled, (2, Hkv, P, D) on the device; its first ``tokens % P`` rows are valid."""
+        """The page being filled, (parts, Hkv, P, D) on the device; its first ``tokens % P`` rows are valid."""
         return self.open[layer]
 
     # -- truncation --------------------------------------------------------------------------------------

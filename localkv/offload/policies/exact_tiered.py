@@ -12,36 +12,50 @@ GPU, and decode moves every offloaded page once per token, the floor this policy
 from __future__ import annotations
 
 import weakref
+from typing import Callable
 
 import torch
 
 from ...models.args import ModelArgs
 from ..attention import ChunkAttention
 from ..kv import KVCache
-from ..pages import PageGeometry
+from ..pages import KEYS, VALUES, PageGeometry
 from ..pipeline import BlockReader
 from ..store import Budgets, KVStore
+
+
+KeySource = Callable[[int, int], torch.Tensor]
+"""``keys(a, b)``: the rotated keys (Hkv, b-a, D) of stored tokens a..b-1 (``a`` a page start), for a store that
+keeps values only."""
 
 
 class _TieredExactLayer:
     def __init__(self, cache: "TieredExactKV", layer: int):
         self.cache, self.layer = weakref.proxy(cache), layer  # no cycle: the store goes with its cache
 
-    def prefill(self, q, k, v, rp):
+    def prefill(self, q, k, v, rp, keys: KeySource | None = None):
+        """Attention over the stored prefix and the chunk; stores the chunk. ``keys`` gives the prefix's keys
+        when the pages hold none (ShadowKV with ``exact_keys=False``); by default they are read from the pages."""
         cache, store = self.cache, self.cache.store
         start = rp.start
-        P = store.geometry.page_tokens
+        g = store.geometry
+        P, Hkv, D, V = g.page_tokens, g.n_kv_heads, g.head_dim, g.part_index(VALUES)
         q, k = rp.rotate(q), rp.rotate(k)
         attn = ChunkAttention(q)
-        for _, kv in cache.reader.blocks(self.layer):  # (n, 2, Hkv, P, D)
-            attn.add_pages(kv)
+        for first, kv in cache.reader.blocks(self.layer):  # (n, parts, Hkv, P, D)
+            if keys is None:
+                attn.add_pages(kv)
+            else:
+                n = kv.shape[0]
+                attn.add(keys(first * P, (first + n) * P), kv[:, V].transpose(0, 1).reshape(Hkv, n * P, D))
         # The open page's filled rows and the new tokens, one short causal run.
         partial = start % P
         kt, vt = k.transpose(0, 1), v.transpose(0, 1)  # (Hkv, T, D)
         if partial:
             page = store.open_page(self.layer)
-            kt = torch.cat([page[0, :, :partial].to(kt.dtype), kt], dim=1)
-            vt = torch.cat([page[1, :, :partial].to(vt.dtype), vt], dim=1)
+            held = page[KEYS, :, :partial] if keys is None else keys(start - partial, start)
+            kt = torch.cat([held.to(kt.dtype), kt], dim=1)
+            vt = torch.cat([page[V, :, :partial].to(vt.dtype), vt], dim=1)
         attn.add(kt, vt, causal=True)
         store.write(self.layer, start, k, v)
         return attn.result()

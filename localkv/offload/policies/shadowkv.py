@@ -20,9 +20,17 @@ device-side index per layer and attends, at each decode step, to
 Every piece of the index is a function of the token sequence (not of how it was chunked or when it was
 truncated), so ``truncate`` and a session saved and resumed (`token_runs` exports the store's rotated keys,
 `load_tokens` rebuilds the index from them un-rotated) continue exactly as a run that never stopped.
+
 `ShadowKVConfig` lists the options (``make_cache("shadowkv", ..., budget=1/16, rank=64)``); `stats` reports
 selection size, hit rate, bytes moved per tier, rank, reconstruction error, device bytes of the index and,
 with ``measure_recall=True``, the exact attention mass the attended tokens held.
+
+With ``exact_keys=False`` (the ShadowKV paper's own setting) the store keeps values only: half the host memory
+(1M tokens of Llama-3.1-8B in bf16: 68.7 GB instead of 137 GB). Decode is unchanged: it reads only values from the
+store, its keys come from the index and the dense buffer. What needed the exact keys back: the basis is never
+refreshed (the first block's stays; ``basis_fixed`` in `stats`); a prefill chunk after the first attends to the
+sealed prefix through its low-rank keys (`ShadowKVLayer._held_keys`); a truncation may drop only tokens of the
+recent window; a session cannot be saved nor the KV exported (a one-line UserError says so).
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ from ..store import Budgets, KVStore
 from .exact_tiered import TieredExactKV
 from .shadowkv_fetch import CPU_TIER, DEVICE_TIER, DISK_TIER
 from .shadowkv_graph import graph_view, signature
-from .shadowkv_layer import ShadowKVLayer
+from .shadowkv_layer import NO_EXACT_KEYS, ShadowKVLayer
 
 
 @dataclass
@@ -85,6 +93,10 @@ class ShadowKVConfig:
     """Pages per block streamed by the exact prefill."""
     ring_blocks: int = 4
     """Device staging blocks of the prefill's stream."""
+    exact_keys: bool = True
+    """Keep every token's exact key in the store beside its value. False halves the store, as the ShadowKV paper
+    does: the basis stays the first block's, a later prefill chunk sees the prefix through the low-rank keys,
+    truncation reaches back only within the recent window, and the KV cannot be saved or exported."""
 
     def __post_init__(self):
         C = self.chunk_tokens
@@ -132,6 +144,11 @@ class RopeTable:
         s = self.sin[start:start + k.shape[0]].float()[:, None]
         k = k.float()
         return (k * c - rotate_half(k) * s) / self.rope.attention_factor ** 2
+
+
+def store_parts(options: dict) -> int:
+    """Parts of a store page under these options, for the planner: 2 (K and V), or 1 with ``exact_keys=False``."""
+    return 2 if ShadowKVConfig.from_options(options).exact_keys else 1
 
 
 def host_part_bytes(args: ModelArgs, ctx_tokens: int, elt: int) -> tuple[int, int]:
@@ -193,7 +210,8 @@ class ShadowKV(KVCache):
         self.args = args
         self.n_layers = args.n_layers
         device = torch.device(device)
-        geometry = PageGeometry(args.n_layers, args.n_kv_heads, args.head_dim, cfg.page_tokens, dtype)
+        geometry = PageGeometry(args.n_layers, args.n_kv_heads, args.head_dim, cfg.page_tokens, dtype,
+                                parts=2 if cfg.exact_keys else 1)
         if budgets is None:  # the whole context on the device (a CPU machine, or a GPU with room)
             budgets = Budgets(geometry.n_pages(capacity) * geometry.page_bytes * args.n_layers, 0)
         self.store = KVStore(geometry, budgets, device)
@@ -204,6 +222,9 @@ class ShadowKV(KVCache):
         """U and the landmarks in pinned CPU memory (`ShadowKVConfig.index_tier`)."""
         self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
         """The stream value fetches run on, overlapping the key rebuild."""
+        self.scratch_keys = None if cfg.exact_keys else torch.empty(
+            args.n_kv_heads, cfg.page_tokens, args.head_dim, dtype=dtype, device=device)
+        """(Hkv, P, D): where a graphed step writes the key meant for the open page of a store of values only."""
         self.moved = torch.zeros(3, dtype=torch.long, device=device)   # chunks read per tier (device/CPU/disk)
         self.hits = torch.zeros((), dtype=torch.long, device=device)   # selected chunks found in a slot
         self.recall = torch.zeros(2, dtype=torch.float64, device=device)  # Σ recall, rows measured
@@ -226,6 +247,8 @@ class ShadowKV(KVCache):
             self._prefill_from = start
 
     def truncate(self, n: int) -> None:
+        for lay in self.layers:
+            lay.check_truncate(n)   # before anything changes
         super().truncate(n)
         self.reader.drain()
         self._prefill_from = None
@@ -241,7 +264,18 @@ class ShadowKV(KVCache):
         """What a captured step has baked in: a graph is valid while this stays the same."""
         return signature(self)
 
-    token_runs = TieredExactKV.token_runs
+    def token_runs(self, layer, n_tokens):
+        self._exportable()
+        return TieredExactKV.token_runs(self, layer, n_tokens)
+
+    def export_pages(self, layer, n_tokens, page_tokens):
+        self._exportable()   # now, not at the first page: a session save checks before it writes anything
+        return super().export_pages(layer, n_tokens, page_tokens)
+
+    def _exportable(self) -> None:
+        if not self.config.exact_keys:
+            raise UserError(f"{NO_EXACT_KEYS}: its KV cannot be saved as a session or handed to another "
+                            "policy; use exact_keys=True for that")
 
     def load_tokens(self, layer, start, k, v):
         self.layers[layer].load(start, k, v)
@@ -270,6 +304,8 @@ class ShadowKV(KVCache):
             "rank": max(ranks), "ranks": ranks,
             "reconstruction_error": sum(errors) / len(errors),
             "basis_refreshes": sum(lay.lowrank.refreshes for lay in self.layers),
+            "basis_fixed": not cfg.exact_keys,   # no exact keys to refresh it from: the first block's stays
+            "exact_keys": cfg.exact_keys,
             "outliers": sum(lay.index.outliers.shape[1] for lay in self.layers) / len(self.layers),
             "index_device_bytes": index_bytes,
             "index_tier": "cpu" if self.index_host else "gpu",

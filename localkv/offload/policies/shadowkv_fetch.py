@@ -1,15 +1,15 @@
 """Chunks of one layer's keys or values read out of the tiered store into device slots, wherever they live.
 
 Page p of a layer holds tokens ``p*P ..``; chunk c (tokens ``c*C ..``, C dividing P) sits in page ``c*C // P``
-at token offset ``o = c*C % P``. A page is ``(2, Hkv, P, D)`` with each head's tokens contiguous, so a chunk of
-one head is one run of ``C*D`` elements. An arena of n pages (one tensor of a tier's pool) is seen as a buffer
-``(Hkv, rows, D)`` with head stride ``P*D`` and token stride ``D`` (the view `block_attention_lse` uses); in it the
-chunk at offset o of the page in arena slot s is chunk number ``(s*2*Hkv*P + o) / C``, counted from the K (or,
-shifted by ``Hkv*P*D`` elements, the V) of slot 0. The segments of a layer are the arenas of its GPU-tier and
-CPU-tier pages and its open page (one page, on the device), a handful, listed on the host when the layer's
-pages change, with a device page table (each page's segment and first chunk number there). One
-`kernels.gather_pages` launch then moves every requested chunk of the layer from whichever segment holds it,
-read by the GPU straight from pinned memory for the CPU tier.
+at token offset ``o = c*C % P``. A page is ``(parts, Hkv, P, D)`` (K and V, or V alone) with each head's tokens
+contiguous, so a chunk of one head is one run of ``C*D`` elements. An arena of n pages (one tensor of a tier's
+pool) is seen as a buffer ``(Hkv, rows, D)`` with head stride ``P*D`` and token stride ``D`` (the view
+`block_attention_lse` uses); in it the chunk at offset o of the page in arena slot s is chunk number
+``(s*parts*Hkv*P + o) / C``, counted from the K (or, shifted by ``Hkv*P*D`` elements, the V) of slot 0. The
+segments of a layer are the arenas of its GPU-tier and CPU-tier pages and its open page (one page, on the
+device), a handful, listed on the host when the layer's pages change, with a device page table (each page's
+segment and first chunk number there). One `kernels.gather_pages` launch then moves every requested chunk of
+the layer from whichever segment holds it, read by the GPU straight from pinned memory for the CPU tier.
 
 Pages on disk need the host: when a layer has any, the requested chunks are read back once (one sync for the
 layer) and their pages read through the store. The counts of chunks moved per tier accumulate on the device.
@@ -23,16 +23,17 @@ import torch
 
 from ...kernels import gather_pages, segment_addresses
 from ...kernels.gather_pages import DISK_KIND
+from ..pages import KEYS, VALUES
 from ..store import DISK, GPU, KVStore
 
 DEVICE_TIER, CPU_TIER, DISK_TIER = 0, 1, DISK_KIND  # rows of the ``moved`` counters: chunks read from each
 
 
-def _arena_view(arena: torch.Tensor, part: int) -> torch.Tensor:
-    """Pages (n, 2, Hkv, P, D) seen as (Hkv, rows, D) chunk buffers of their keys (part 0) or values (1)."""
-    n, _, Hkv, P, D = arena.shape
-    rows = ((n - 1) * 2 * Hkv + 1) * P   # up to the last page's keys/values of the last head, within storage
-    return arena.as_strided((Hkv, rows, D), (P * D, D, 1), arena.storage_offset() + part * Hkv * P * D)
+def _arena_view(arena: torch.Tensor, index: int) -> torch.Tensor:
+    """Pages (n, parts, Hkv, P, D) seen as (Hkv, rows, D) chunk buffers of their part at ``index``."""
+    n, parts, Hkv, P, D = arena.shape
+    rows = ((n - 1) * parts * Hkv + 1) * P   # up to the last page's keys/values of the last head, within storage
+    return arena.as_strided((Hkv, rows, D), (P * D, D, 1), arena.storage_offset() + index * Hkv * P * D)
 
 
 class StoreChunks:
@@ -53,7 +54,7 @@ class StoreChunks:
         if not self.stale and len(pages) == self.n_pages:
             return
         g = store.geometry
-        per_slot = 2 * g.n_kv_heads * g.page_tokens // self.C   # chunk numbers between two arena slots
+        per_slot = g.parts * g.n_kv_heads * g.page_tokens // self.C   # chunk numbers between two arena slots
         segments: list[tuple[int, torch.Tensor]] = []
         ids: dict[tuple[str, int], int] = {}
         seg_of, base = [], []
@@ -84,8 +85,9 @@ class StoreChunks:
         self.base[:m].copy_(torch.tensor(base))
         if [(k, a.data_ptr()) for k, a in segments] != [(k, a.data_ptr()) for k, a in self.segments]:
             self.kind = torch.tensor([k for k, _ in segments], dtype=torch.long, device=dev)
-            self.views = [[_arena_view(a, part) for _, a in segments] for part in (0, 1)]
-            self.addr = [segment_addresses(views, dev) for views in self.views]
+            parts = (KEYS, VALUES) if g.parts == 2 else (VALUES,)
+            self.views = {part: [_arena_view(a, g.part_index(part)) for _, a in segments] for part in parts}
+            self.addr = {part: segment_addresses(views, dev) for part, views in self.views.items()}
         self.segments = segments
         self.has_disk = -1 in seg_of
         self.n_pages = len(pages)
@@ -95,11 +97,11 @@ class StoreChunks:
         """What a graphed `fetch` has baked in: the segments and the tables' addresses."""
         self._table()
         return (tuple((k, a.data_ptr()) for k, a in self.segments), self.seg_of.data_ptr(),
-                self.base.data_ptr(), self.kind.data_ptr(), *(a.data_ptr() for a in self.addr))
+                self.base.data_ptr(), self.kind.data_ptr(), *(a.data_ptr() for a in self.addr.values()))
 
     def fetch(self, part: int, chunks: torch.Tensor, dst: torch.Tensor, out: torch.Tensor,
               moved: torch.Tensor | None = None) -> None:
-        """Copy chunks of keys (``part`` 0) or values (1) into slots of ``out``: one `kernels.gather_pages`
+        """Copy chunks of keys (``part`` KEYS) or values (VALUES) into slots of ``out``: one `kernels.gather_pages`
         launch for the pages on the device and in CPU memory, then the host for those on disk.
 
         Args:
@@ -125,21 +127,23 @@ class StoreChunks:
         C, P, D = self.C, g.page_tokens, g.head_dim
         tok = chunks[h, j] * C
         pages, which = torch.unique(tok // P, return_inverse=True)
-        data = torch.stack([self.store.read_page(self.layer, int(p)) for p in pages.tolist()])  # (u, 2, Hkv, P, D)
-        runs = data[:, part].reshape(len(pages), g.n_kv_heads, P // C, C * D)[which, h, (tok % P) // C]
+        data = torch.stack([self.store.read_page(self.layer, int(p)) for p in pages.tolist()])  # (u, parts, Hkv, P, D)
+        data = data[:, g.part_index(part)]                                                       # (u, Hkv, P, D)
+        runs = data.reshape(len(pages), g.n_kv_heads, P // C, C * D)[which, h, (tok % P) // C]
         out.view(g.n_kv_heads, -1, C * D)[h, dst[h, j]] = runs.to(out.device)
 
     def token_runs(self, part: int, a: int, b: int) -> Iterator[tuple[int, torch.Tensor]]:
-        """Keys (part 0) or values (1) of tokens a..b-1 as (first position, (Hkv, t, D) on the device) runs,
+        """Keys (part KEYS) or values (VALUES) of tokens a..b-1 as (first position, (Hkv, t, D) on the device) runs,
         page by page (a slow path: truncation, basis refresh, outliers that were not at hand)."""
         store, P = self.store, self.store.geometry.page_tokens
+        index = store.geometry.part_index(part)
         n_sealed = len(store.pages[self.layer])
         pos = a
         while pos < b:
             p = pos // P
             page = store.read_page(self.layer, p) if p < n_sealed else store.open_page(self.layer)
             end = min(b, (p + 1) * P)
-            yield pos, page[part, :, pos - p * P:end - p * P]
+            yield pos, page[index, :, pos - p * P:end - p * P]
             pos = end
 
     def invalidate(self) -> None:

@@ -12,7 +12,8 @@ basis ends, the window does not overflow, no page of the layer is on disk, nothi
 not measured, and the index is on the GPU (a host index is written by the host). Other steps run eagerly
 (`graph_view` returns None), and the next plain one replays.
 
-A replay does what the eager step does on the device. It writes the token's K/V into the open page and the
+A replay does what the eager step does on the device. It writes the token's K/V into the open page (its V
+alone with ``exact_keys=False``: the key goes to a scratch page, ``ShadowKV.scratch_keys``) and the
 dense buffer at positions read from device tensors and parks its pre-RoPE key for the next eager step to
 project (its U row and Gram sums: `LowRankKeys.flush`), all in one launch with the RoPE of q and k
 (`kernels.rope_append`); then it selects, reuses or fetches chunks, rebuilds keys and
@@ -28,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from ...kernels import rope_append
+from ..pages import KEYS, VALUES
 
 
 def _plain(lay, start: int) -> bool:
@@ -87,11 +89,14 @@ class _GraphedLayer:
         lay, view = self.lay, self.view
         if lay.layer == 0:
             view.begin(rp.pos)
-        open_page = lay.cache.store.open[lay.layer]                  # (2, Hkv, P, D)
+        store = lay.cache.store
+        g = store.geometry
+        open_page = store.open[lay.layer]                            # (parts, Hkv, P, D)
+        page_k = open_page[KEYS] if g.parts == 2 else lay.cache.scratch_keys  # values only: the key goes nowhere
         row, dense_len = view.dense_rows(lay.fixed - lay.W)
         park = (lay.lowrank.parking(), view.block_row(lay.lowrank.block))
         # One launch: RoPE on q and k; K/V into the open page and the dense buffer; the pre-RoPE key parked.
-        q = rope_append(q, k, v, rp.cos, rp.sin, [(open_page[0], open_page[1], view.page_offset),
+        q = rope_append(q, k, v, rp.cos, rp.sin, [(page_k, open_page[g.part_index(VALUES)], view.page_offset),
                                                    (lay.dense_k, lay.dense_v, row)], park)
         return lay._attend(q.to(lay.dtype), view.start + 1, dense_len=dense_len).to(q.dtype)
 

@@ -12,6 +12,13 @@ tokens) plus the selected slots covers everything. A prefill chunk seals up to `
 (all but the last ``local_chunks`` whole chunks and the tail); decode seals there once the window passes
 ``window_tokens``. ``seal_log`` remembers (length, W before) of each seal, so a truncation behind one returns
 to the window in force at that length and reads its tokens back from the store.
+
+With ``exact_keys=False`` the store holds values only. The keys a layer still has exactly are the dense buffer's
+(and the low-rank basis's first block, `LowRankKeys`); every other key is rebuilt from U and SV with RoPE, as a
+selected chunk's is: those of an older chunk that becomes an outlier, and those of the sealed prefix a later
+prefill chunk attends to (`_held_keys`: with every chunk selected, the keys a decode step would see, so that
+prefill is no longer exact past its own chunk and window). A truncation can drop only tokens of the recent window
+(`check_truncate`), and nothing can be exported.
 """
 
 from __future__ import annotations
@@ -20,12 +27,16 @@ import weakref
 
 import torch
 
+from ...errors import UserError
 from ...kernels import lowrank_rope, sparse_attention
+from ..pages import KEYS, VALUES
 from .exact_tiered import _TieredExactLayer
 from .selection import ChunkBuffer, attention_recall, budget_chunks, select_chunks
 from .shadowkv_fetch import StoreChunks
 from .shadowkv_index import ChunkIndex, outlier_count
 from .shadowkv_lowrank import LowRankKeys
+
+NO_EXACT_KEYS = "shadowkv with exact_keys=False keeps no exact keys"
 
 
 class ShadowKVLayer:
@@ -44,7 +55,7 @@ class ShadowKVLayer:
         self.lowrank = LowRankKeys(self.Hkv, self.D, dtype=self.dtype, device=self.device, capacity=cache.capacity,
                                    read_keys=self._read_keys, rank=cfg.rank, rank_energy=cfg.rank_energy,
                                    refresh_error=cfg.refresh_error, block_tokens=cfg.block_tokens,
-                                   host=cache.index_host)
+                                   host=cache.index_host, refresh=cfg.exact_keys)
         self.index = ChunkIndex(self.Hkv, self.D, self.C, cfg.sink_tokens // self.C, dtype=self.dtype,
                                 device=self.device, capacity_chunks=-(-cache.capacity // self.C),
                                 host=cache.index_host)
@@ -68,7 +79,8 @@ class ShadowKVLayer:
         if self.n > start:
             self.truncate(start)   # a forward that failed half-way left a tail
         self.cache.begin_prefill(start)
-        out = self.exact.prefill(q, k, v, rp)   # exact over the stored prefix + the chunk; stores the chunk
+        keys = None if self.cfg.exact_keys else self._held_keys  # the store's own keys, or the index's
+        out = self.exact.prefill(q, k, v, rp, keys)   # over the stored prefix + the chunk; stores the chunk
         self._append(start, k, rp.rotate(k), v, seal=True)
         return out
 
@@ -180,9 +192,46 @@ class ShadowKVLayer:
                 dst.copy_(torch.where(fresh[..., None], run.gather(1, j), dst))
             at_hand |= fresh
         slot = torch.where(at_hand, -1, torch.arange(n_new, device=self.device).expand(Hkv, n_new))
-        for part, dst in ((0, out_k), (1, out_v)):            # older chunks that became outliers now
-            self.chunks.fetch(part, ids, slot, dst.view(Hkv, n_new * C, D))
+        # Older chunks that became outliers now: from the store, or their keys rebuilt as a selected chunk's are.
+        self.chunks.fetch(VALUES, ids, slot, out_v.view(Hkv, n_new * C, D))
+        if self.cfg.exact_keys:
+            self.chunks.fetch(KEYS, ids, slot, out_k.view(Hkv, n_new * C, D))
+        else:
+            lr, tables = self.lowrank, self.cache.tables
+            rebuilt = torch.empty_like(out_k)                   # (Hkv, n_new, C*D)
+            lowrank_rope(lr.u, lr.sv, ids, tables.cos, tables.sin, rebuilt.view(Hkv, -1, D), chunk_tokens=C)
+            out_k.copy_(torch.where(at_hand[..., None], out_k, rebuilt))
         return out_k.view(Hkv, n_new * C, D), out_v.view(Hkv, n_new * C, D)
+
+    def _held_keys(self, a: int, b: int) -> torch.Tensor:
+        """The rotated keys (Hkv, b-a, D) of tokens a..b-1 (``a`` a chunk start, ``b <= n``) as a decode step with
+        every chunk selected sees them: exact where the dense buffer holds them (sink, outliers, recent window),
+        rebuilt from U and SV with RoPE elsewhere. The prefix a prefill attends to when the store has no keys."""
+        C, D, W, Hkv = self.C, self.D, self.W, self.Hkv
+        m = max(0, min(b, W) - a) // C                         # sealed chunks among them, from chunk c0
+        c0 = a // C
+        sealed = torch.empty(Hkv, m * C, D, dtype=self.dtype, device=self.device)
+        if m:
+            lr, tables = self.lowrank, self.cache.tables
+            ids = torch.arange(c0, c0 + m, device=self.device).expand(Hkv, m).contiguous()
+            lowrank_rope(lr.u, lr.sv, ids, tables.cos, tables.sin, sealed, chunk_tokens=C)
+        outliers = self.index.outliers                         # (Hkv, n_out) chunk ids, their K in dense rows
+        n_out = outliers.shape[1]
+        if m and n_out:                                        # slot[h, c - c0]: the outlier number of chunk c
+            inside = (outliers >= c0) & (outliers < c0 + m)
+            slot = torch.full((Hkv, m + 1), -1, dtype=torch.long, device=self.device)   # column m: the others
+            slot.scatter_(1, torch.where(inside, outliers - c0, m),
+                          torch.arange(n_out, device=self.device).expand(Hkv, -1))
+            slot = slot[:, :m]
+            exact = self.dense_k[:, self.sink_rows:self.sink_rows + n_out * C].reshape(Hkv, n_out, C * D)
+            exact = exact.gather(1, slot.clamp(min=0)[..., None].expand(-1, -1, C * D))
+            sealed = torch.where(slot[..., None] >= 0, exact, sealed.view(Hkv, m, C * D)).view(Hkv, m * C, D)
+        sink = min(self.sink_rows, a + m * C) - a
+        if sink > 0:
+            sealed[:, :sink] = self.dense_k[:, a:a + sink]
+        lo = max(a, W)                                          # the recent window's tokens among them
+        recent = self.dense_k[:, self.fixed + lo - W:self.fixed + max(lo, b) - W]
+        return torch.cat([sealed, recent], dim=1)
 
     def _reserve_dense(self, rows: int, keep: bool = True) -> None:
         if self.dense_k.shape[1] >= rows:
@@ -277,6 +326,7 @@ class ShadowKVLayer:
         """Keep tokens 0..n-1 and the index a run that stopped at n would have."""
         if n >= self.n:
             return
+        self.check_truncate(n)
         store = self.cache.store
         self.lowrank.truncate(n)                    # reads the dropped keys: before the store forgets them
         W = self.W
@@ -290,15 +340,31 @@ class ShadowKVLayer:
             return
         self.index.truncate(W // self.C)
         self.buffer.forget_from(W // self.C)
-        runs = [self.chunks.token_runs(p, W, n) for p in (0, 1)]
+        runs = [self.chunks.token_runs(p, W, n) for p in (KEYS, VALUES)]
         uk, uv = (torch.cat([r for _, r in rs], dim=1) if n > W else self.dense_k[:, :0] for rs in runs)
         self.W, self.n = W, n
         self.lowrank.provisional()
         self._rebuild(uk.to(self.dtype), uv.to(self.dtype), W)
 
+    def check_truncate(self, n: int) -> None:
+        """Raise UserError, changing nothing, when truncating to ``n`` needs exact keys the layer no longer has:
+        with ``exact_keys=False`` only tokens of the recent window can be dropped (their exact keys are in the
+        dense buffer); a cut behind a seal would have to bring sealed tokens back into the window exactly."""
+        if self.cfg.exact_keys or n >= self.n or not self.seal_log or self.seal_log[-1][0] <= n:
+            return
+        raise UserError(f"{NO_EXACT_KEYS}: it cannot go back to {n:,} tokens, behind its recent window (which "
+                        f"starts at {self.W:,}); use exact_keys=True to edit or roll back that far")
+
     def _read_keys(self, a: int, b: int):
-        """Pre-RoPE keys of tokens a..b-1 as (first position, (t, Hkv*D) fp32) runs, from the store."""
-        for pos, k in self.chunks.token_runs(0, a, b):         # (Hkv, t, D) rotated
+        """Pre-RoPE keys of tokens a..b-1 as (first position, (t, Hkv*D) fp32) runs, from the store; with
+        ``exact_keys=False`` from the recent window, the only ones held exactly (`check_truncate` asks no more)."""
+        if self.cfg.exact_keys:
+            runs = self.chunks.token_runs(KEYS, a, b)          # (Hkv, t, D) rotated
+        elif a >= self.W:
+            runs = [(a, self.dense_k[:, self.fixed + a - self.W:self.fixed + b - self.W])]
+        else:
+            raise UserError(f"{NO_EXACT_KEYS}: the keys of tokens {a:,}..{b - 1:,} are gone")
+        for pos, k in runs:
             yield pos, self.cache.tables.unrotate(k.transpose(0, 1), pos).reshape(k.shape[1], -1)
 
     def device_bytes(self) -> int:

@@ -19,6 +19,11 @@ never was. Tokens are grouped in blocks of ``block_tokens``:
   leaves out) by more than ``refresh_error``, the basis is refreshed: SVD of every key up to there, then every
   U row recomputed from the keys in the store (rotated there; ``read_keys`` un-rotates them).
 
+Without the exact keys (``refresh=False``: ShadowKV's ``exact_keys=False``, a store of values only) nothing can
+be read back: the basis made at the end of the first block stays for good, as in the ShadowKV paper, and later
+keys are projected onto it when they are appended (they are in hand then). The first block's keys are kept
+(``first``, fp32) for its provisional bases, its SVD and a truncation back into it; past it no Gram sum is kept.
+
 Measured on SmolLM2-135M (192 key columns), rank 32 leaves ~19% of the fitted keys' norm out and ~22% of later
 keys', rank 64 11% and 15%: an absolute bound like 0.1 would refresh at every block, hence the margin over the fit.
 Each basis made at a block end is kept on the host, so a truncation behind it restores the one before.
@@ -50,7 +55,7 @@ class LowRankKeys:
 
     def __init__(self, n_kv_heads: int, head_dim: int, *, dtype: torch.dtype, device: torch.device,
                  capacity: int, read_keys: KeyReader, rank: int | None = None, rank_energy: float | None = None,
-                 refresh_error: float = 0.1, block_tokens: int = 256, host: bool = False):
+                 refresh_error: float = 0.1, block_tokens: int = 256, host: bool = False, refresh: bool = True):
         self.Hkv, self.D = n_kv_heads, head_dim
         self.host = host and device.type == "cuda"
         """U in pinned CPU memory, its rows read by the GPU in place (`kernels.lowrank_rope`)."""
@@ -61,6 +66,10 @@ class LowRankKeys:
         self.rank_energy = rank_energy
         self.refresh_error = refresh_error
         self.block = block_tokens
+        self.refresh = refresh
+        """False when no exact key can be read back: the first block's basis stays, and ``read_keys`` serves only
+        the keys the caller still holds (ShadowKV's recent window), for a truncation."""
+        self.first: torch.Tensor | None = None       # (block, cols) fp32: the first block's keys (refresh=False)
         self.rows = 0
         """Tokens appended: U rows 0..rows-1 are current (once a basis exists)."""
         self.u: torch.Tensor | None = None           # (allocated, r) in dtype
@@ -82,14 +91,21 @@ class LowRankKeys:
     def rank(self) -> int:
         return 0 if self.basis is None else self.basis.shape[1]
 
+    @property
+    def fixed(self) -> bool:
+        """The basis is made for good (``refresh=False`` and the first block complete): no Gram sums are kept."""
+        return not self.refresh and bool(self.history)
+
     # -- appending ---------------------------------------------------------------------------------------
     def append(self, start: int, k: torch.Tensor) -> None:
         """Pre-RoPE keys ``k (T, Hkv, D)`` of tokens start.. (``start == rows``; their rotated copies are
-        already in the store, which a refresh reads back)."""
+        already in the store, which a refresh reads back, unless ``refresh=False``)."""
         assert start == self.rows, f"low-rank keys at {self.rows}, appended at {start}"
         self.flush()
         T = k.shape[0]
         flat = k.reshape(T, self.cols).float()                 # (T, cols)
+        if not self.refresh and start < self.block:
+            self._keep_first(start, flat[:self.block - start])
         self._reserved = start + T                             # a refresh mid-append sizes U for all of it
         self._ensure_rows(start + T)
         i = 0
@@ -97,9 +113,10 @@ class LowRankKeys:
             pos = start + i
             j = min(T, i + self.block - pos % self.block)
             piece = flat[i:j]
-            self.gram_part.addmm_(piece.T, piece)
+            if not self.fixed:
+                self.gram_part.addmm_(piece.T, piece)
             if self.basis is not None:
-                self._project(pos, piece, into_part=True)
+                self._project(pos, piece, into_part=self.refresh)
             self.rows = start + j
             if self.rows % self.block == 0:
                 self._block_end(self.rows)
@@ -129,8 +146,17 @@ class LowRankKeys:
         a = self.rows - self.parked
         piece = self.pending[a % self.block:a % self.block + self.parked]
         self.parked = 0
-        self.gram_part.addmm_(piece.T, piece)
-        self._project(a, piece, into_part=True)
+        if not self.refresh and a < self.block:
+            self._keep_first(a, piece)
+        if not self.fixed:
+            self.gram_part.addmm_(piece.T, piece)
+        self._project(a, piece, into_part=self.refresh)
+
+    def _keep_first(self, start: int, keys: torch.Tensor) -> None:
+        """Keep keys (t, cols) of tokens start.. of the first block (``refresh=False``: the store has none)."""
+        if self.first is None:
+            self.first = torch.zeros(self.block, self.cols, dtype=torch.float32, device=self.device)
+        self.first[start:start + keys.shape[0]] = keys
 
     def _project(self, pos: int, piece: torch.Tensor, into_part: bool) -> None:
         """U rows of ``piece (t, cols)`` at ``pos``, and its reconstruction sums."""
@@ -147,7 +173,7 @@ class LowRankKeys:
         self.gram_part.zero_()
         if not self.history:                                   # the first complete block: its own SVD
             self._refresh(b)
-        else:
+        elif self.refresh:
             res, norm = self.part.tolist()                     # a host read once per block of tokens
             if norm > 0 and math.sqrt(res / norm) > self.fit_error + self.refresh_error:
                 self._refresh(b)
@@ -196,10 +222,18 @@ class LowRankKeys:
         lb = n // self.block * self.block                      # first token of the block being filled
         self.total.zero_()
         self.part.zero_()
-        for pos, keys in self.read_keys(0, n):
+        for pos, keys in self._keys(0, n):
             for a, b in ((pos, min(pos + keys.shape[0], lb)), (max(pos, lb), pos + keys.shape[0])):
                 if a < b:
                     self._project(a, keys[a - pos:b - pos], into_part=a >= lb)
+
+    def _keys(self, a: int, b: int):
+        """``read_keys(a, b)``, the first block's keys taken from ``first`` where they are kept."""
+        if self.first is not None and a < min(b, self.block):
+            yield a, self.first[a:min(b, self.block)]
+            a = min(b, self.block)
+        if a < b:
+            yield from self.read_keys(a, b)
 
     def _ensure_rows(self, n: int) -> None:
         n = max(n, self._reserved)
@@ -238,14 +272,17 @@ class LowRankKeys:
             self._set_basis(basis.to(self.device), fit)
             self.gram_full.zero_()
             self._restart_sums(n)
+        elif self.fixed:  # no basis will be made again: only the error sums lose the dropped keys
+            for _, keys in self._keys(n, self.rows):
+                self._sub_sums(keys, part=False)
         elif nb == lb:  # still in the same block: take the dropped keys out
-            for _, keys in self.read_keys(n, self.rows):
+            for _, keys in self._keys(n, self.rows):
                 self.gram_part.addmm_(keys.T, keys, alpha=-1)
                 self._sub_sums(keys, part=True)
         else:  # back into an earlier block: its partial sums from its keys, the complete ones lose theirs
             self.gram_part.zero_()
             self.part.zero_()
-            for pos, keys in self.read_keys(nb, self.rows):
+            for pos, keys in self._keys(nb, self.rows):
                 end = pos + keys.shape[0]
 
                 def span(a: int, b: int) -> torch.Tensor:
@@ -267,7 +304,7 @@ class LowRankKeys:
         self.gram_part.zero_()
         self.total.zero_()
         self.part.zero_()
-        for pos, keys in self.read_keys(0, n):
+        for pos, keys in self._keys(0, n):
             for a, b in ((pos, min(pos + keys.shape[0], nb)), (max(pos, nb), pos + keys.shape[0])):
                 if a >= b:
                     continue
@@ -295,7 +332,8 @@ class LowRankKeys:
         return math.sqrt(max(res, 0.0) / norm) if norm > 0 else 0.0
 
     def device_bytes(self) -> int:
-        held = [None if self.host else self.u, self.basis, self.sv, self.gram_full, self.gram_part, self.pending]
+        held = [None if self.host else self.u, self.basis, self.sv, self.gram_full, self.gram_part, self.pending,
+                self.first]
         return sum(t.numel() * t.element_size() for t in held if t is not None)
 
     def host_bytes(self) -> int:
