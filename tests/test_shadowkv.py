@@ -33,6 +33,20 @@ def _budgets(args, tmp_path, gpu_pages, cpu_pages, page, parts=2):
     return Budgets(page_bytes * args.n_layers * gpu_pages, page_bytes * args.n_layers * cpu_pages, tmp_path)
 
 
+def _check_rollback(model, a, b, toks, starts) -> None:
+    """Speculative rollback on ``a`` (decode 4 tokens, truncate 3, decode the kept one's successor) against
+    ``b`` decoding the kept tokens alone: the same logits at every start."""
+    rows = [[], []]
+    for i in starts:
+        for t in toks[i:i + 4]:
+            model(t[None], a, decode=True)
+        a.truncate(a.length - 3)
+        rows[0].append(model(toks[i + 1:i + 2], a, decode=True))
+        model(toks[i:i + 1], b, decode=True)
+        rows[1].append(model(toks[i + 1:i + 2], b, decode=True))
+    torch.testing.assert_close(torch.cat(rows[0]), torch.cat(rows[1]), rtol=1e-4, atol=1e-4)
+
+
 def _greedy(model, cache, logits, n):
     """Feed the argmax n times; returns (tokens, logits of each step)."""
     tok, toks, rows = int(logits[-1].argmax()), [], []
@@ -236,15 +250,7 @@ def test_truncate_and_resume_continue_as_an_uninterrupted_run(tiny, tmp_path, ti
         torch.testing.assert_close(got[0][1], got[1][1], rtol=1e-4, atol=1e-4)
         # Speculative rollback: decode 4, keep 1, against decoding that one alone.
         toks = torch.randint(0, V, (120,))
-        rows = [[], []]
-        for i in range(0, 116, 2):
-            for t in toks[i:i + 4]:
-                model(t[None], a, decode=True)
-            a.truncate(a.length - 3)
-            rows[0].append(model(toks[i + 1:i + 2], a, decode=True))
-            model(toks[i:i + 1], b, decode=True)
-            rows[1].append(model(toks[i + 1:i + 2], b, decode=True))
-        torch.testing.assert_close(torch.cat(rows[0]), torch.cat(rows[1]), rtol=1e-4, atol=1e-4)
+        _check_rollback(model, a, b, toks, range(0, 116, 2))
         # Save -> resume through the session contract (rotated keys out, index rebuilt on the way in).
         c = mk()
         start = c.reserve(a.length)

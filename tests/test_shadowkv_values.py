@@ -8,7 +8,7 @@ import torch
 from localkv.errors import ContextOverflowError, UserError
 from localkv.kernels import lowrank_rope_ref
 from localkv.offload import make_cache
-from test_shadowkv import OPTS, V, _budgets, _greedy, _words
+from test_shadowkv import OPTS, V, _budgets, _check_rollback, _greedy, _words
 
 NO_KEYS = "shadowkv with exact_keys=False keeps no exact keys"
 
@@ -109,15 +109,7 @@ def test_truncate_within_the_window_and_refuse_behind_it(tiny):
         a.truncate(30)                              # back into the first block
         for t in toks[20:30]:
             model(t[None], b, decode=True)
-        rows = [[], []]
-        for i in range(30, 250, 2):                 # speculative rollback: decode 4, keep 1
-            for t in toks[i:i + 4]:
-                model(t[None], a, decode=True)
-            a.truncate(a.length - 3)
-            rows[0].append(model(toks[i + 1:i + 2], a, decode=True))
-            model(toks[i:i + 1], b, decode=True)
-            rows[1].append(model(toks[i + 1:i + 2], b, decode=True))
-        torch.testing.assert_close(torch.cat(rows[0]), torch.cat(rows[1]), rtol=1e-4, atol=1e-4)
+        _check_rollback(model, a, b, toks, range(30, 250, 2))   # speculative rollback: decode 4, keep 1
         assert not a.layers[0].seal_log and a.layers[0].lowrank.fixed
         for c in (a, b):
             model(toks[250:400], c, all_logits=True)   # a prefill seals the window at 400 tokens
