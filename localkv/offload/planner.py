@@ -177,6 +177,8 @@ def make_plan(args: ModelArgs, ctx_tokens: int, *, model: str = "model", policy:
         where = ", ".join(f"{n} {format_bytes(b)}" for n, b in (("GPU", gpu_budget), ("CPU", cpu_budget),
                                                                 ("disk", disk_budget)))
         hint = "" if disk_dir else "; add a --disk DIR on a drive with room"
+        if policy == "shadowkv" and parts == 2 and need // 2 <= total:
+            hint += "; or --policy-opt exact_keys=false, which stores values only (half the bytes)"
         raise ContextOverflowError(
             f"a {format_tokens(ctx_tokens)}-token context needs {format_bytes(need)} of KV "
             f"({format_bytes(per_token)}/token), more than every tier together can hold ({where}){hint}")
