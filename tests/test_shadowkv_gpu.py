@@ -61,6 +61,11 @@ def test_cuda_decode_equals_the_cpu_reference(tmp_path, gpu_pages, cpu_pages, di
         if device == "cuda" and index_tier == "cpu":
             stats = cache.stats()
             assert stats["index_tier"] == "cpu" and stats["index_host_bytes"] > 0
+            # Each step reads every landmark in place, and U's rows of its chunks: counted as bytes over PCIe,
+            # at least the landmarks of the first step's sealed chunks.
+            first = args.n_layers * (520 - cache.config.window_tokens) // 8 * args.n_kv_heads * args.head_dim * 4
+            assert stats["index_read_bytes_per_token"] >= first > 0
+            assert stats["moved_bytes"]["h2d"] >= cache.index_reads
             assert cache.layers[0].lowrank.u.is_pinned() and cache.layers[0].index.landmarks.is_pinned()
             assert cache.static_view(0, torch.zeros(1, dtype=torch.int32, device=device)) is None  # eager steps
     scale = outs[0].abs().max()

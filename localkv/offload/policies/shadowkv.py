@@ -227,6 +227,7 @@ class ShadowKV(KVCache):
         """(Hkv, P, D): where a graphed step writes the key meant for the open page of a store of values only."""
         self.moved = torch.zeros(3, dtype=torch.long, device=device)   # chunks read per tier (device/CPU/disk)
         self.hits = torch.zeros((), dtype=torch.long, device=device)   # selected chunks found in a slot
+        self.index_reads = 0   # bytes of a host index (landmarks, U rows) the GPU has read in place
         self.recall = torch.zeros(2, dtype=torch.float64, device=device)  # Σ recall, rows measured
         self.selected = 0        # chunks selected, over layers, heads and steps
         self.decode_tokens = 0   # tokens decoded (counted once per forward)
@@ -291,8 +292,8 @@ class ShadowKV(KVCache):
         errors = [lay.lowrank.error() for lay in self.layers]
         hits = int(self.hits)
         store = self.store.stats()
-        if self.store.device.type == "cuda":   # the gather's reads of pinned memory (the store counts its own)
-            store["moved_bytes"]["h2d"] += moved[CPU_TIER]
+        if self.store.device.type == "cuda":   # the gather's and the host index's reads of pinned memory
+            store["moved_bytes"]["h2d"] += moved[CPU_TIER] + self.index_reads   # (the store counts its own)
         out = {
             **super().stats(), **store,
             "policy": "shadowkv",
@@ -310,6 +311,7 @@ class ShadowKV(KVCache):
             "index_device_bytes": index_bytes,
             "index_tier": "cpu" if self.index_host else "gpu",
             "index_host_bytes": host_bytes,
+            "index_read_bytes_per_token": self.index_reads / per_token,   # of a host index, over PCIe
         }
         if cfg.measure_recall:
             total, rows = self.recall.tolist()

@@ -277,6 +277,9 @@ class ShadowKVLayer:
                                       chunk_tokens=C, causal=True, dense_len=dense_len)
             if not graphed:   # a replay counts on the host, after it (`ShadowKVGraphView.replayed`)
                 cache.selected += k * self.Hkv
+            if cache.index_host:   # read in place over PCIe: every landmark, and U's rows of the selected chunks
+                elt = self.dtype.itemsize
+                cache.index_reads += (n_chunks * self.D + k * C * self.lowrank.rank) * self.Hkv * elt
         if self.cfg.measure_recall:
             self._measure(q, sel)
         return out
@@ -289,9 +292,9 @@ class ShadowKVLayer:
         if side is not None:
             side.wait_stream(torch.cuda.current_stream(self.device))  # selection, slots: made on the main stream
             with torch.cuda.stream(side):
-                self.chunks.fetch(1, sel, dst, buf.v, cache.moved)
+                self.chunks.fetch(VALUES, sel, dst, buf.v, cache.moved)
         else:
-            self.chunks.fetch(1, sel, dst, buf.v, cache.moved)
+            self.chunks.fetch(VALUES, sel, dst, buf.v, cache.moved)
         lowrank_rope(lr.u, lr.sv, sel, cache.tables.cos, cache.tables.sin, buf.k, chunk_tokens=self.C, dst=slots)
         if side is not None:
             torch.cuda.current_stream(self.device).wait_stream(side)  # the values land before the attention
