@@ -62,7 +62,7 @@ def test_view_step_equals_eager_decode(exact_keys):
         torch.testing.assert_close(la.lowrank.gram_full, lb.lowrank.gram_full, rtol=1e-5, atol=1e-4)
         if not exact_keys:   # the store's values alike, no keys kept beside them; the first block's keys alike
             assert lb.cache.store.open.shape[1] == 1 and lb.lowrank.fixed
-            torch.testing.assert_close(lb.cache.store.open, la.cache.store.open)
+            torch.testing.assert_close(lb.cache.store.open, la.cache.store.open, atol=1e-4, rtol=1e-4)  # as logits
             torch.testing.assert_close(lb.lowrank.first, la.lowrank.first)
 
 
