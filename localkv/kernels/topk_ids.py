@@ -6,10 +6,12 @@ more than one pass of real work, so one program per row does it as a *radix sele
 
 1. Each fp32 score maps to an int32 key with the same order: the bits as an int for x >= 0, with the
    magnitude bits flipped for x < 0 (``b ^ ((b >> 31) & 0x7fffffff)``); -0.0 first becomes 0.0.
-2. Search the key range for the largest T with ``#(key >= T) >= k``, the row in registers when it fits in
-   one block. Each step is a block reduction, mostly latency, so each step counts at two thresholds in one
-   reduction (the two counts packed in one int32) and keeps a third of the range: 21 steps where bisection
-   took 32, for more arithmetic a step (see ``WARPS`` for what it bought).
+2. Search for the k-th largest key T, the row in registers when it fits in one block. The bracket starts at
+   the row's extremes (leaving out the -inf of excluded chunks while k keys are above them). Each step is a
+   block reduction, mostly latency, so each counts at two thresholds in one reduction (the two counts packed
+   in one int32) and keeps a third of the bracket. The search stops as soon as T is the largest or the
+   smallest key in its bracket, which one more reduction finds: on landmark scores after ~9 reductions in
+   all (a 128K step's rows, simulated), where searching the key range down to one key took 22.
 3. Compact in id order: every key > T, then the first ``k - #(key > T)`` keys equal to T (ties go to
    the lowest ids). A running cumsum gives each taken element its output slot.
 
@@ -25,21 +27,29 @@ import torch
 from ._common import KERNEL_CALLS, check, interpreting, next_pow2, tl, triton, use_triton
 
 MAX_BLOCK = 16384
-"""Scores per block: a row up to this long is loaded once and bisected in registers."""
+"""Scores per block: a row up to this long is loaded once and searched in registers."""
+
+ALIGN = 16
+"""Columns a caller pads rows to (`topk_ids`'s ``valid``). Triton vectorizes a row's loads only when it can
+prove the row length and the row stride multiples of 16, and unaligned rows cost far more than their loads
+(which part of the kernel pays was not profiled). On an H100, the 8 rows of a 128K step's landmark scores
+with its exclusion mask, graphed, one run: 36.2 µs at their 16,380 columns, 25.2 in a buffer of row stride
+16,384, 20.0 padded to 16,384 columns."""
 
 WARPS = 8
 """Warps of a program whose block is 8K scores or more (4 below that). On an H100 at the 128K ShadowKV shape
-(8 rows of 16,384 landmark scores, k = 257; scripts/sweep_decode_ops.py, graphed): 29.9 µs at 8 warps, 33.5 at
-16, 43.1 at 32; the bisection it replaced took 31.9 µs at its 16 warps (same run; not timed at 8)."""
+(8 rows of 16,384 landmark scores, k = 257; scripts/sweep_decode_ops.py, graphed, one run): 21.3 µs at 8 warps,
+23.4 at 16, 35.3 at 4; the search over the whole key range it replaced took 30.5 µs at 8."""
 
 
 @triton.jit
-def _ordered_keys(s_ptr, e_ptr, offs, N, HAS_EX: tl.constexpr):
+def _ordered_keys(s_ptr, e_ptr, offs, N, NV, HAS_EX: tl.constexpr):
     """int32 keys ordered as the fp32 scores at ``offs`` (out of range: INT_MIN, below every score); a score
-    marked in the exclusion mask ``e_ptr`` (uint8) counts as -inf."""
+    marked in the exclusion mask ``e_ptr`` (uint8), or in the padding at ``NV`` and after, counts as -inf."""
     x = tl.load(s_ptr + offs, mask=offs < N, other=0.0)
     if HAS_EX:
         x = tl.where(tl.load(e_ptr + offs, mask=offs < N, other=0) != 0, float("-inf"), x)
+    x = tl.where(offs < NV, x, float("-inf"))
     x = tl.where(x == 0.0, 0.0, x)                  # -0.0 ties with 0.0, as float comparison has it
     b = x.to(tl.int32, bitcast=True)
     key = b ^ ((b >> 31) & 0x7FFFFFFF)
@@ -47,7 +57,7 @@ def _ordered_keys(s_ptr, e_ptr, offs, N, HAS_EX: tl.constexpr):
 
 
 @triton.jit
-def _count_at_least(s_ptr, e_ptr, keys, N, a, b, BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr,
+def _count_at_least(s_ptr, e_ptr, keys, N, NV, a, b, BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr,
                     HAS_EX: tl.constexpr):
     """(#(key >= a), #(key >= b)) over the row (``keys``: the row's keys when it is one block).
 
@@ -61,11 +71,45 @@ def _count_at_least(s_ptr, e_ptr, keys, N, a, b, BLOCK_N: tl.constexpr, ONE_BLOC
         ca = 0
         cb = 0
         for n0 in range(0, N, BLOCK_N):
-            kb = _ordered_keys(s_ptr, e_ptr, n0 + tl.arange(0, BLOCK_N), N, HAS_EX)
+            kb = _ordered_keys(s_ptr, e_ptr, n0 + tl.arange(0, BLOCK_N), N, NV, HAS_EX)
             packed = tl.sum((kb >= a).to(tl.int32) + ((kb >= b).to(tl.int32) << 16), 0)
             ca += packed & 0xFFFF
             cb += packed >> 16
     return ca, cb
+
+
+NEG_INF_KEY = tl.constexpr(-2139095041)
+"""The key of -inf (0xFF800000 ordered): what an excluded chunk scores."""
+
+
+@triton.jit
+def _max_min_sum(top_a, bottom_a, n_a, top_b, bottom_b, n_b):
+    return tl.maximum(top_a, top_b), tl.minimum(bottom_a, bottom_b), n_a + n_b
+
+
+@triton.jit
+def _range_within(s_ptr, e_ptr, keys, N, NV, lo, hi, BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr,
+                  HAS_EX: tl.constexpr):
+    """(largest, smallest, how many) of the row's keys in [lo, hi], in one reduction; the largest and smallest
+    are INT_MIN and INT_MAX when there are none."""
+    offs = tl.arange(0, BLOCK_N)
+    if ONE_BLOCK:
+        inside = (offs < N) & (keys >= lo) & (keys <= hi)
+        top, bottom, n = tl.reduce((tl.where(inside, keys, -2147483648), tl.where(inside, keys, 2147483647),
+                                    inside.to(tl.int32)), 0, _max_min_sum)
+    else:
+        top = tl.full((), -2147483648, tl.int32)
+        bottom = tl.full((), 2147483647, tl.int32)
+        n = tl.full((), 0, tl.int32)
+        for n0 in range(0, N, BLOCK_N):
+            kb = _ordered_keys(s_ptr, e_ptr, n0 + offs, N, NV, HAS_EX)
+            inside = (n0 + offs < N) & (kb >= lo) & (kb <= hi)
+            t_b, b_b, n_b = tl.reduce((tl.where(inside, kb, -2147483648), tl.where(inside, kb, 2147483647),
+                                       inside.to(tl.int32)), 0, _max_min_sum)
+            top = tl.maximum(top, t_b)
+            bottom = tl.minimum(bottom, b_b)
+            n += n_b
+    return top, bottom, n
 
 
 @triton.jit
@@ -73,7 +117,7 @@ def _topk_ids_kernel(
     s_ptr, stride_s,          # scores (R, N) fp32: elements between rows; last dim contiguous
     e_ptr, stride_e,          # exclusion mask (R, N) uint8 (when HAS_EX): nonzero scores count as -inf
     out_ptr, stride_o,        # ids (R, k) int64
-    N, k,
+    N, NV, k,                 # row length, scores in it (the rest: padding, read as -inf), ids to take
     BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr, HAS_EX: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
@@ -81,31 +125,49 @@ def _topk_ids_kernel(
     e_ptr += r * stride_e
     out_ptr += r * stride_o
     offs = tl.arange(0, BLOCK_N)
-    keys = _ordered_keys(s_ptr, e_ptr, offs, N, HAS_EX)   # the whole row when ONE_BLOCK, else unused
-    # Largest T with #(key >= T) >= k, in [lo, hi]; int64: no overflow at the ends. Each step splits the
-    # bracket in three at a <= b (both in (lo, hi] while lo < hi) with the two counts of one reduction: 21
-    # steps take the 2^32 keys to one (3^21 > 2^32, checked for the worst case of this rounding).
-    lo = tl.full((), -2147483648, tl.int64)
-    hi = tl.full((), 2147483647, tl.int64)
-    for _ in range(21):
+    keys = _ordered_keys(s_ptr, e_ptr, offs, N, NV, HAS_EX)   # the whole row when ONE_BLOCK, else unused
+    # T, the k-th largest key, lies in [lo, hi] with c_lo = #(key >= lo) >= k and c_hi = #(key > hi) < k.
+    # Start from the row's extremes, leaving out the -inf of excluded chunks when k keys are above them
+    # (a decode step's rows hold a few: their key would stretch the bracket over half the key range).
+    # int64 bounds: no overflow at the ends of the key range.
+    top, bottom, n_above = _range_within(s_ptr, e_ptr, keys, N, NV, NEG_INF_KEY + 1, 2147483647,
+                                         BLOCK_N, ONE_BLOCK, HAS_EX)
+    enough = n_above >= k
+    lo = tl.where(enough, bottom, -2147483648).to(tl.int64)
+    hi = tl.where(n_above > 0, top, NEG_INF_KEY).to(tl.int64)
+    c_lo = tl.where(enough, n_above, N)
+    c_hi = N * 0
+    # Each step splits the bracket in three at a <= b (both in (lo, hi] while lo < hi) with the two counts of
+    # one reduction, and keeps the third that holds T. It stops as soon as T is an end of the keys in the
+    # bracket: the largest when k - c_hi == 1 (T is the first key below the c_hi above hi), the smallest when
+    # c_lo == k (every key >= lo is taken). On landmark scores that comes after 7-12 steps; at worst it takes
+    # the bracket down to one key, 21 steps for the 2^32 keys (3^21 > 2^32, checked for this rounding).
+    while (lo < hi) & (k - c_hi != 1) & (c_lo != k):
         d = hi - lo
         a = lo + (d + 2) // 3
         b = lo + (2 * d + 2) // 3
-        ca, cb = _count_at_least(s_ptr, e_ptr, keys, N, a.to(tl.int32), b.to(tl.int32),
+        ca, cb = _count_at_least(s_ptr, e_ptr, keys, N, NV, a.to(tl.int32), b.to(tl.int32),
                                  BLOCK_N, ONE_BLOCK, HAS_EX)
         a_ok = ca >= k
         b_ok = cb >= k
-        hi = tl.where(b_ok, hi, tl.where(a_ok, b - 1, a - 1))   # once lo == hi: a = b = lo, which counts >= k
+        c_hi = tl.where(b_ok, c_hi, tl.where(a_ok, cb, ca))
+        hi = tl.where(b_ok, hi, tl.where(a_ok, b - 1, a - 1))
+        c_lo = tl.where(b_ok, cb, tl.where(a_ok, ca, c_lo))
         lo = tl.where(b_ok, b, tl.where(a_ok, a, lo))
-    t = lo.to(tl.int32)
-    above, _ = _count_at_least(s_ptr, e_ptr, keys, N, t + 1, t + 1, BLOCK_N, ONE_BLOCK, HAS_EX)
+    top, bottom, _ = _range_within(s_ptr, e_ptr, keys, N, NV, lo.to(tl.int32), hi.to(tl.int32),
+                                   BLOCK_N, ONE_BLOCK, HAS_EX)
+    first = k - c_hi == 1
+    t = tl.where(lo == hi, lo.to(tl.int32), tl.where(first, top, bottom))
+    # Keys above T to take: c_hi when T = lo = hi or T is the largest in the bracket; when T is the smallest,
+    # exactly k keys are >= T and all of them are taken (as ties: need_eq = k covers every one).
+    above = tl.where((lo == hi) | first, c_hi, 0)
     need_eq = k - above                                              # ties at T to take
     # Compaction in id order, a block at a time: written ids so far, ties at T seen so far.
     written = 0
     eq_seen = 0
     for n0 in range(0, N, BLOCK_N):
         if not ONE_BLOCK:
-            keys = _ordered_keys(s_ptr, e_ptr, n0 + offs, N, HAS_EX)
+            keys = _ordered_keys(s_ptr, e_ptr, n0 + offs, N, NV, HAS_EX)
         eq = keys == t
         eq_rank = eq_seen + tl.cumsum(eq.to(tl.int32), 0)              # 1-based rank among the ties
         take = (keys > t) | (eq & (eq_rank <= need_eq))
@@ -124,22 +186,26 @@ def topk_ids_ref(scores: torch.Tensor, k: int, excluded: torch.Tensor | None = N
 
 
 def topk_ids(scores: torch.Tensor, k: int, out: torch.Tensor | None = None,
-             excluded: torch.Tensor | None = None) -> torch.Tensor:
+             excluded: torch.Tensor | None = None, valid: int | None = None) -> torch.Tensor:
     """The ids of the ``k`` largest entries of each row of ``scores`` (R, N) fp32, ascending: (R, k) int64.
 
-    Ties go to the lowest ids. ``0 <= k <= N``. ``excluded``, an optional (R, N) bool mask, makes its entries
-    score -inf (read in the same pass: no masked copy of the scores).
+    Ties go to the lowest ids. ``0 <= k <= valid``. ``excluded``, an optional (R, N) bool mask, makes its
+    entries score -inf (read in the same pass: no masked copy of the scores). ``valid`` (default N): only the
+    first ``valid`` columns are scores; the rest of each row is padding, read (whatever it holds) but never
+    taken. A caller pads rows to a multiple of 16 columns, in a buffer whose row stride is one too: the kernel's
+    loads are then vectorized, and on an H100 a 128K step's select takes 20 µs, not 36 (``ALIGN``).
     """
     check(scores.dim() == 2 and scores.dtype == torch.float32, "scores must be (R, N) fp32")
     R, N = scores.shape
-    check(0 <= k <= N, f"k={k} must be in [0, N={N}]")
+    valid = N if valid is None else valid
+    check(0 <= k <= valid <= N, f"k={k} must be in [0, valid={valid}], valid in [0, N={N}]")
     check(excluded is None or excluded.shape == (R, N) and excluded.dtype == torch.bool,
           f"excluded must be a ({R}, {N}) bool mask")
     if out is None:
         out = torch.empty((R, k), dtype=torch.long, device=scores.device)
     check(out.shape == (R, k) and out.dtype == torch.long and out.stride(1) == 1, "out must be (R, k) int64")
     if not use_triton(scores, out, excluded):
-        out.copy_(topk_ids_ref(scores, k, excluded))
+        out.copy_(topk_ids_ref(scores[:, :valid], k, None if excluded is None else excluded[:, :valid]))
         return out
     if R == 0 or k == 0:
         return out
@@ -150,7 +216,7 @@ def topk_ids(scores: torch.Tensor, k: int, out: torch.Tensor | None = None,
         mask = (excluded if excluded.stride(1) == 1 else excluded.contiguous()).view(torch.uint8)
     BLOCK_N = min(next_pow2(N), 256 if interpreting() else MAX_BLOCK)
     KERNEL_CALLS["topk_ids"] += 1
-    _topk_ids_kernel[(R,)](scores, scores.stride(0), mask, mask.stride(0), out, out.stride(0), N, k,
+    _topk_ids_kernel[(R,)](scores, scores.stride(0), mask, mask.stride(0), out, out.stride(0), N, valid, k,
                            BLOCK_N=BLOCK_N, ONE_BLOCK=BLOCK_N >= N, HAS_EX=excluded is not None,
                            num_warps=WARPS if BLOCK_N >= 8192 else 4)
     return out

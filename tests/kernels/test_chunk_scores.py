@@ -40,6 +40,21 @@ def test_matches_reference(mode, name, dtype, kernel_ran):
     assert_close(out / ref.abs().max().clamp(min=1), ref / ref.abs().max().clamp(min=1), torch.float32, mode)
 
 
+@pytest.mark.parametrize("mode", ["landmark", "minmax"])
+def test_writes_a_column_slice_of_a_wider_buffer(mode, kernel_ran):
+    """``out`` may be the first C columns of padded rows (as a decode step aligns them for the select): those
+    are the reference's, and the padding is left as it was."""
+    q, landmarks, kmin, kmax = _q_abstracts(CASES["decode"], torch.float32)
+    Hkv, C = kmin.shape[:2]
+    wide = poisoned((Hkv, C + 11), torch.float32)
+    kw = dict(landmarks=landmarks) if mode == "landmark" else dict(kmin=kmin, kmax=kmax)
+    chunk_scores(q, out=wide[:, :C], **kw)
+    kernel_ran("chunk_scores")
+    ref = chunk_scores_ref(q, **kw)
+    assert_close(wide[:, :C] / ref.abs().max().clamp(min=1), ref / ref.abs().max().clamp(min=1), torch.float32, mode)
+    assert wide[:, C:].isnan().all()
+
+
 def test_landmark_scores_are_softmax_mass(kernel_ran):
     """With G = 1 the scores of a head sum to Tq over the chunks (each query's softmax sums to 1)."""
     Tq, Hkv, D, C = 4, 3, 64, 45

@@ -139,3 +139,37 @@ def test_multi_block_rows(monkeypatch, kernel_ran):
         _check(scores, k)
     kernel_ran("topk_ids")
 
+
+
+@pytest.mark.parametrize("N,temperature", [(200, 1.0), (1000, 4.0)])
+def test_landmark_like_scores(N, temperature, kernel_ran):
+    """Rows shaped like a decode step's: the max over a GQA group of softmax probabilities (a long tail of
+    small positive scores, a few large), with the sink's chunks excluded. The search stops early here, at
+    whichever end of its bracket T is; both ends and every k must give the reference's ids (one block, and
+    several: the interpreter's blocks are 256 scores)."""
+    R, G, D = 4, 4, 32
+    logits = temperature * torch.randn(R, G, D, device=DEVICE) @ torch.randn(R, D, N, device=DEVICE) / D ** 0.5
+    scores = torch.softmax(logits, -1).amax(1)
+    excluded = torch.zeros(R, N, dtype=torch.bool, device=DEVICE)
+    excluded[:, :2] = True
+    for k in (1, 16, int(torch.randint(17, N - 2, ())), N - 2):
+        out = poisoned((R, k), torch.long)
+        topk_ids(scores, k, out=out, excluded=excluded)
+        torch.testing.assert_close(out, topk_ids_ref(scores, k, excluded))
+    kernel_ran("topk_ids")
+
+
+@pytest.mark.parametrize("N,pad", [(200, 8), (37, 11), (700, 12)])
+def test_padding_past_valid_is_never_taken(N, pad, kernel_ran):
+    """Rows padded past ``valid`` (as a decode step aligns them) with scores that would win, NaN and +inf among
+    them, and a mask whose padding columns say nothing: the ids are the reference's over the valid columns."""
+    R = 3
+    scores = torch.randn(R, N + pad, device=DEVICE)
+    scores[:, N:] = torch.tensor([float("nan"), float("inf"), 1e30, 5.0], device=DEVICE)[torch.arange(pad) % 4]
+    excluded = torch.rand(R, N + pad, device=DEVICE) < 0.2
+    excluded[:, N:] = False
+    for k in (1, N // 2, int((~excluded[:, :N]).sum(1).min())):
+        out = poisoned((R, k), torch.long)
+        topk_ids(scores, k, out=out, excluded=excluded, valid=N)
+        torch.testing.assert_close(out, topk_ids_ref(scores[:, :N], k, excluded[:, :N]))
+    kernel_ran("topk_ids")
