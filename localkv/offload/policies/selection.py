@@ -16,6 +16,7 @@ import math
 import torch
 
 from ...kernels import assign_slots, chunk_scores, topk_ids
+from ...kernels.topk_ids import ALIGN
 
 
 def budget_chunks(budget: int | float | None, n_tokens: int, chunk_tokens: int) -> int:
@@ -39,15 +40,20 @@ def select_chunks(q: torch.Tensor, landmarks: torch.Tensor, excluded: torch.Tens
     Args:
         q: (T, Hq, D) post-RoPE queries, in the landmarks' dtype.
         landmarks: (Hkv, n_chunks, D).
-        excluded: (Hkv, n_chunks) bool, chunks that must not be selected (sink, outliers).
+        excluded: (Hkv, >= n_chunks) bool, chunks that must not be selected (sink, outliers); columns past
+            n_chunks may hold anything. With ``ALIGN`` columns past them, and a row stride of a multiple of it,
+            the select reads aligned rows (`kernels.topk_ids`: 20 µs against 36 at 128K on an H100).
         k: chunks per head, at most the number of chunks not excluded.
 
     Returns:
         (Hkv, k) int64.
     """
-    scores = chunk_scores(q, landmarks)                       # (Hkv, n_chunks) fp32, each in [0, T]
+    Hkv, n = landmarks.shape[:2]
+    width = min(-(-n // ALIGN) * ALIGN, excluded.shape[1])
+    scores = torch.empty(Hkv, width, dtype=torch.float32, device=q.device)
+    chunk_scores(q, landmarks, out=scores[:, :n])              # (Hkv, n_chunks) fp32, each in [0, T]
     # ids ascending (ties to the lowest): the attention sums in chunk order however the slots fell
-    return topk_ids(scores, k, excluded=excluded)
+    return topk_ids(scores, k, excluded=excluded[:, :width], valid=n)
 
 
 class ChunkBuffer:

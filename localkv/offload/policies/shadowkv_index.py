@@ -21,6 +21,7 @@ import math
 
 import torch
 
+from ...kernels.topk_ids import ALIGN
 from ..pages import pinned_empty
 
 
@@ -83,6 +84,7 @@ class ChunkIndex:
         while size < n:
             size *= 2
         size = self.capacity if self.host else min(max(size, n), self.capacity)  # pinned memory: sized once
+        size = -(-size // ALIGN) * ALIGN       # rows of whole aligned blocks: the select reads them vectorized
         Hkv = self.Hkv
         lm = self._landmark_buffer(size)
         coh = torch.full((Hkv, size), float("inf"), device=self.device)

@@ -269,7 +269,7 @@ class ShadowKVLayer:
         if k <= 0:
             out, _ = sparse_attention(q, dense_k, dense_v, causal=True, dense_len=dense_len)
         else:
-            sel = select_chunks(q, self.index.landmarks[:, :n_chunks], self.index.excluded[:, :n_chunks], k)
+            sel = select_chunks(q, self.index.landmarks[:, :n_chunks], self.index.excluded, k)
             self.buffer.reserve(k, n_chunks)
             slots, dst = self.buffer.assign(sel, cache.hits)
             self._fill(sel, slots, dst)
