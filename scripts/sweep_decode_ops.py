@@ -3,7 +3,7 @@
     python scripts/sweep_decode_ops.py [--topk-baseline FILE] [--topk-only]
 
 - ``topk_ids`` on the rows a 128K ShadowKV step selects from (8 KV heads x 16,384 landmark scores from
-  ``chunk_scores`` on random queries and landmarks, k = 257), graphed: for several ``WARPS``,
+  ``chunk_scores`` on random queries and landmarks, k = 257; and a 1M step's 131,072, k = 2,049), graphed: for several ``WARPS``,
   against ``torch.topk`` + sort, and against another version of ``kernels/topk_ids.py`` given as a file
   (``git show REV:localkv/kernels/topk_ids.py > old_topk_ids.py``) on the same rows.
 - The Llama-3.1-8B shape's one-token products (qkv, o, gate|up, down, lm_head), graphed, weights rotating
@@ -34,25 +34,28 @@ def us(calls) -> float:
 # --- topk_ids -------------------------------------------------------------------------------------------------
 HKV, G, D, C, K = 8, 4, 128, 16384, 257
 q = torch.randn(1, HKV * G, D, dtype=DT, device="cuda")
-score_sets = {
-    "landmark scores": chunk_scores(q, torch.randn(HKV, C, D, dtype=DT, device="cuda")),
-    "normal": torch.randn(HKV, C, device="cuda"),
+score_sets = {   # name: (scores, k); the 1M step's rows are 131,072 chunks with k = 2,049 (several blocks)
+    "landmark scores": (chunk_scores(q, torch.randn(HKV, C, D, dtype=DT, device="cuda")), K),
+    "normal": (torch.randn(HKV, C, device="cuda"), K),
+    "landmark, 16,380 cols (unaligned)": (
+        chunk_scores(q, torch.randn(HKV, C - 4, D, dtype=DT, device="cuda")), K),
+    "1M landmark scores": (chunk_scores(q, torch.randn(HKV, 8 * C, D, dtype=DT, device="cuda")), 8 * K - 7),
 }
 baseline = baseline_module("--topk-baseline", "_baseline_topk_ids")
-for name, s in score_sets.items():
-    ref = topk_ids_ref(s, K)
+for name, (s, k) in score_sets.items():
+    ref = topk_ids_ref(s, k)
     out = torch.empty_like(ref)
-    t = us([lambda: torch.topk(s, K, dim=1).indices.sort(dim=1)] * 20)
+    t = us([lambda: torch.topk(s, k, dim=1).indices.sort(dim=1)] * 20)
     rows.append((f"topk {name}", "torch.topk + sort", t, ""))
     if baseline is not None:
-        ok = torch.equal(baseline.topk_ids(s, K, out=out), ref)
-        rows.append((f"topk {name}", "--topk-baseline", us([lambda: baseline.topk_ids(s, K, out=out)] * 20),
+        ok = torch.equal(baseline.topk_ids(s, k, out=out), ref)
+        rows.append((f"topk {name}", "--topk-baseline", us([lambda: baseline.topk_ids(s, k, out=out)] * 20),
                      "exact" if ok else "WRONG"))
     default = tk.WARPS
     for warps in (4, 8, 16):
         tk.WARPS = warps
-        ok = torch.equal(topk_ids(s, K, out=out), ref)
-        rows.append((f"topk {name}", f"WARPS={warps}", us([lambda: topk_ids(s, K, out=out)] * 20),
+        ok = torch.equal(topk_ids(s, k, out=out), ref)
+        rows.append((f"topk {name}", f"WARPS={warps}", us([lambda: topk_ids(s, k, out=out)] * 20),
                      "exact" if ok else "WRONG"))
         print(rows[-1], flush=True)
     tk.WARPS = default
