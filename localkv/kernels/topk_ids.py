@@ -32,9 +32,8 @@ MAX_BLOCK = 16384
 ALIGN = 16
 """Columns a caller pads rows to (`topk_ids`'s ``valid``). Triton vectorizes a row's loads only when it can
 prove the row length and the row stride multiples of 16, and unaligned rows cost far more than their loads
-(which part of the kernel pays was not profiled). On an H100, the 8 rows of a 128K step's landmark scores
-with its exclusion mask, graphed, one run: 36.2 µs at their 16,380 columns, 25.2 in a buffer of row stride
-16,384, 20.0 padded to 16,384 columns."""
+(which part of the kernel pays was not profiled). On an H100 (`scripts/sweep_decode_ops.py --topk-only`,
+graphed, one run; 8 rows of landmark scores, k = 257): 34.9 µs at 16,380 columns, 21.3 at 16,384."""
 
 WARPS = 8
 """Warps of a program whose block is 8K scores or more (4 below that). On an H100 at the 128K ShadowKV shape
@@ -193,7 +192,7 @@ def topk_ids(scores: torch.Tensor, k: int, out: torch.Tensor | None = None,
     entries score -inf (read in the same pass: no masked copy of the scores). ``valid`` (default N): only the
     first ``valid`` columns are scores; the rest of each row is padding, read (whatever it holds) but never
     taken. A caller pads rows to a multiple of 16 columns, in a buffer whose row stride is one too: the kernel's
-    loads are then vectorized, and on an H100 a 128K step's select takes 20 µs, not 36 (``ALIGN``).
+    loads are then vectorized: on an H100 a 128K step's select takes 21 µs, not 35 (``ALIGN``).
     """
     check(scores.dim() == 2 and scores.dtype == torch.float32, "scores must be (R, N) fp32")
     R, N = scores.shape
