@@ -3,7 +3,8 @@
     python scripts/sweep_decode_ops.py [--topk-baseline FILE] [--topk-only]
 
 - ``topk_ids`` on the rows a 128K ShadowKV step selects from (8 KV heads x 16,384 landmark scores from
-  ``chunk_scores`` on random queries and landmarks, k = 257; and a 1M step's 131,072, k = 2,049), graphed: for several ``WARPS``,
+  ``chunk_scores`` on random queries and landmarks, k = 257; the same at 16,380 columns, as a step's rows are
+  before `select_chunks` pads them; a 1M step's 131,072, k = 2,049), graphed: for several ``WARPS``,
   against ``torch.topk`` + sort, and against another version of ``kernels/topk_ids.py`` given as a file
   (``git show REV:localkv/kernels/topk_ids.py > old_topk_ids.py``) on the same rows.
 - The Llama-3.1-8B shape's one-token products (qkv, o, gate|up, down, lm_head), graphed, weights rotating
