@@ -10,8 +10,8 @@ more than one pass of real work, so one program per row does it as a *radix sele
    the row's extremes (leaving out the -inf of excluded chunks while k keys are above them). Each step is a
    block reduction, mostly latency, so each counts at two thresholds in one reduction (the two counts packed
    in one int32) and keeps a third of the bracket. The search stops as soon as T is the largest or the
-   smallest key in its bracket, which one more reduction finds: on landmark scores after ~9 reductions in
-   all (a 128K step's rows, simulated), where searching the key range down to one key took 22.
+   smallest key in its bracket, which one more reduction finds: 9.0 reductions a row in all on rows shaped
+   like a 128K step's (`scripts/sim_topk_search.py`), where searching the key range down to one key took 22.
 3. Compact in id order: every key > T, then the first ``k - #(key > T)`` keys equal to T (ties go to
    the lowest ids). A running cumsum gives each taken element its output slot.
 
@@ -135,12 +135,13 @@ def _topk_ids_kernel(
     lo = tl.where(enough, bottom, -2147483648).to(tl.int64)
     hi = tl.where(n_above > 0, top, NEG_INF_KEY).to(tl.int64)
     c_lo = tl.where(enough, n_above, N)
-    c_hi = N * 0
+    c_hi = tl.full((), 0, tl.int32)
     # Each step splits the bracket in three at a <= b (both in (lo, hi] while lo < hi) with the two counts of
     # one reduction, and keeps the third that holds T. It stops as soon as T is an end of the keys in the
     # bracket: the largest when k - c_hi == 1 (T is the first key below the c_hi above hi), the smallest when
-    # c_lo == k (every key >= lo is taken). On landmark scores that comes after 7-12 steps; at worst it takes
-    # the bracket down to one key, 21 steps for the 2^32 keys (3^21 > 2^32, checked for this rounding).
+    # c_lo == k (every key >= lo is taken). On a 128K step's rows that comes after 7 steps on average, 10 at
+    # most (scripts/sim_topk_search.py); at worst it takes the bracket down to one key, 21 steps for the 2^32
+    # keys (3^21 > 2^32, checked for this rounding).
     while (lo < hi) & (k - c_hi != 1) & (c_lo != k):
         d = hi - lo
         a = lo + (d + 2) // 3
