@@ -37,7 +37,7 @@ cache = make_cache("shadowkv", args, a.ctx + 64, device="cuda", dtype=torch.bflo
 tok = torch.tensor([1], device="cuda")
 rebuild, fetch = layer_mod.lowrank_rope, StoreChunks.fetch
 no_rebuild = lambda u, sv, idx, cos, sin, out, **kw: out   # noqa: E731
-no_fetch = lambda self, *args, **kw: None                  # noqa: E731
+no_fetch = lambda self, *rest, **kw: None                  # noqa: E731
 rows = []
 with torch.inference_mode():
     synth_fill(cache, args, a.ctx, device="cuda", dtype=torch.bfloat16)
