@@ -1,13 +1,16 @@
 """Sweep (development aid): the graphed ShadowKV decode step's chunk selection and the 8B shape's projections.
 
-    python scripts/sweep_decode_ops.py [--topk-baseline FILE] [--topk-only]
+    python scripts/sweep_decode_ops.py [--topk-baseline FILE] [--slots-baseline FILE] [--topk-only]
 
 - ``topk_ids`` on the rows a 128K ShadowKV step selects from (8 KV heads x 16,384 landmark scores from
   ``chunk_scores`` on random queries and landmarks, k = 257; the same at 16,380 columns, as a step's rows are
   before `select_chunks` pads them; a 1M step's 131,072, k = 2,049), graphed: for several ``WARPS``,
   against ``torch.topk`` + sort, and against another version of ``kernels/topk_ids.py`` given as a file
   (``git show REV:localkv/kernels/topk_ids.py > old_topk_ids.py``) on the same rows.
-- The Llama-3.1-8B shape's one-token products (qkv, o, gate|up, down, lm_head), graphed, weights rotating
+- ``assign_slots`` at the 128K step's shape (8 KV heads, 257 chunks selected of 16,384 into 514 slots), 20 steps
+  a replay, each selection keeping 17 of the step before's chunks (the 6.6% hit rate of a synthetic 128K
+  run): for several ``WARPS``, and against another version of ``kernels/slot_assign.py`` (``--slots-baseline``).
+- The Llama-3.1-8B shape's one-token products (skipped with ``--topk-only``) (qkv, o, gate|up, down, lm_head), graphed, weights rotating
   through copies larger than L2: ``F.linear`` on the (out, in) weight as the model stores it, and a matmul on
   an (in, out) copy, each in GB/s and as a share of the device copy rate measured here.
 """
@@ -16,12 +19,13 @@ import sys
 import torch
 
 from localkv.bench.ceilings import copy_rate
-from localkv.kernels import chunk_scores, topk_ids, topk_ids_ref
+from localkv.kernels import assign_slots, assign_slots_ref, chunk_scores, topk_ids, topk_ids_ref
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from bench_kernels import _bench_graphed, baseline_module  # noqa: E402
 
 tk = sys.modules["localkv.kernels.topk_ids"]   # the package re-exports a function of that name
+sa = sys.modules["localkv.kernels.slot_assign"]
 DT = torch.bfloat16
 hbm = copy_rate(2**30, "cuda") / 1e9
 print(f"HBM copy {hbm:.0f} GB/s", flush=True)
@@ -60,6 +64,52 @@ for name, (s, k) in score_sets.items():
                      "exact" if ok else "WRONG"))
         print(rows[-1], flush=True)
     tk.WARPS = default
+
+# --- assign_slots ---------------------------------------------------------------------------------------------
+N_SLOTS, STEPS, KEEP = 2 * K, 20, 17
+sels = [torch.randperm(C, device="cuda")[:K]]
+for _ in range(STEPS - 1):   # each step keeps KEEP of the last step's chunks, the rest drawn afresh
+    last = sels[-1]
+    fresh = torch.randperm(C, device="cuda")
+    fresh = fresh[~torch.isin(fresh, last)][:K - KEEP]
+    sels.append(torch.cat([last[torch.randperm(K, device="cuda")[:KEEP]], fresh]))
+sels = [s.sort().values.expand(HKV, K).contiguous() for s in sels]
+
+
+def slot_tables():
+    return (torch.full((HKV, C + 1), -1, dtype=torch.long, device="cuda"),
+            torch.full((HKV, N_SLOTS + 1), -1, dtype=torch.long, device="cuda"),
+            torch.zeros(HKV, N_SLOTS + 1, dtype=torch.int32, device="cuda"),
+            torch.zeros(HKV, dtype=torch.int32, device="cuda"))
+
+
+def slots_exact(module) -> bool:
+    """The version's kernel against its own reference over the 20 steps, twice round, from empty tables."""
+    ours, ref = slot_tables(), slot_tables()
+    for s in sels + sels:
+        got = module.assign_slots(s, *ours, N_SLOTS)
+        want = module.assign_slots_ref(s, *ref, N_SLOTS)
+        if not all(torch.equal(a, b) for a, b in zip(got, want)):
+            return False
+    return True
+
+
+slots_baseline = baseline_module("--slots-baseline", "_baseline_slot_assign")
+versions = [("--slots-baseline", slots_baseline, None)] if slots_baseline is not None else []
+versions += [(f"WARPS={w}", sa, w) for w in (4, 8, 16)]
+default = sa.WARPS
+for how, module, warps in versions:
+    if warps is not None:
+        module.WARPS = warps
+    tables = slot_tables()
+    hits = torch.zeros((), dtype=torch.long, device="cuda")
+    t = us([lambda s=s: module.assign_slots(s, *tables, N_SLOTS, hits) for s in sels])
+    rows.append(("slots 8x257 of 514", how, t, "exact" if slots_exact(module) else "WRONG"))
+    print(rows[-1], flush=True)
+sa.WARPS = default
+ref_tables = slot_tables()
+t = us([lambda s=s: assign_slots_ref(s, *ref_tables, N_SLOTS) for s in sels])
+rows.append(("slots 8x257 of 514", "torch (the reference)", t, ""))
 
 # --- projections ----------------------------------------------------------------------------------------------
 x = torch.randn(1, 4096, dtype=DT, device="cuda")

@@ -6,15 +6,18 @@ Tables of one KV head (a row of each):
 - ``chunk_slot[c]``: the slot holding chunk c, or -1;  ``slot_chunk[s]``: the chunk slot s holds, or -1;
 - ``slot_age[s]``: the step that last used slot s (0: never);  ``step``: this head's step count.
 
-For the selected chunks ``sel`` (distinct): a chunk with a slot is a *hit* and keeps it. The misses, in the order
-of ``sel``, take the free slots (those no hit holds) in least-recently-used order, ties to the lowest slot. A
-miss's slot forgets its old chunk and holds the new one; every selected slot is stamped with the new step.
+For the selected chunks ``sel`` (distinct): a chunk with a slot is a *hit* and keeps it. The m misses take the
+m least recently used free slots (those no hit holds; ties to the lowest slot), the j-th miss in the order of
+``sel`` the j-th of those slots in slot order. A miss's slot forgets its old chunk and holds the new one; every
+selected slot is stamped with the new step.
 
-The kernel stamps the hits' slots first: their age becomes the newest of all, so one sort of ``(age, slot)``
-puts every free slot, LRU first, before every taken one. The j-th miss takes entry j of that order (j counted
-among the misses by a cumsum). The sorted order goes through a small scratch row: Triton has no gather from
-registers. Writes one program reads back after another of its threads made them are ordered by a CTA
-barrier.
+Which m slots is a top-m: the kernel stamps the hits' slots first, then keys every free slot by how long ago
+it was used (``now - age``, larger is older; a hit's slot keys as -inf) and takes the m largest keys as
+`topk_ids` takes the largest scores, by its search and compaction. A step's free slots hold few distinct ages
+(mostly the last two steps'), so the search's bracket starts narrow; it replaced a sort of every slot (11.0 µs
+against 5.1 at a 128K step's shape on an H100, `WARPS`). The taken slots go through a small scratch row
+(Triton has no gather from registers). Writes one program reads back after another of its threads made them
+are ordered by a CTA barrier.
 """
 
 from __future__ import annotations
@@ -22,6 +25,12 @@ from __future__ import annotations
 import torch
 
 from ._common import KERNEL_CALLS, check, next_pow2, tl, triton, use_triton
+from .topk_ids import NEG_INF_KEY, _kth_largest, _take_top
+
+WARPS = 4
+"""Warps of a program (one KV head). On an H100 at the 128K step's shape (8 heads, 257 chunks into 514 slots,
+`scripts/sweep_decode_ops.py`, graphed, one run): 5.1 µs at 4 warps, 5.0 at 8, 5.5 at 16; the sort of every
+slot that this search replaced took 11.0 in the same run, and the torch reference 132.5."""
 
 
 @triton.jit
@@ -31,7 +40,7 @@ def _assign_slots_kernel(
     sc_ptr, stride_sc,              # slot_chunk (Hkv, >= S) int64
     age_ptr, stride_age,            # slot_age (Hkv, >= S) int32
     step_ptr,                       # (Hkv,) int32
-    order_ptr, stride_order,        # scratch (Hkv, S) int32: slots in LRU order
+    order_ptr, stride_order,        # scratch (Hkv, S) int32: the slots the misses take, ascending
     slots_ptr, dst_ptr, stride_out,  # (Hkv, k) int64 outputs
     hits_ptr,                       # int64 counter, added to when COUNT_HITS
     k, S,
@@ -51,18 +60,20 @@ def _assign_slots_kernel(
     miss = mask_k & (slot < 0)
     now = tl.load(step_ptr + h) + 1
 
-    # The hits' slots take the new step: newer than any free slot, they sort last.
+    # The hits' slots take the new step; every other slot is free, keyed by how long ago it was used.
     tl.store(age_ptr + slot, now, mask=hit)
     tl.debug_barrier()
     offs_s = tl.arange(0, BLOCK_S)
-    mask_s = offs_s < S
-    age = tl.load(age_ptr + offs_s, mask=mask_s, other=0)
-    key = tl.where(mask_s, age.to(tl.int64) * 4294967296 + offs_s, 9223372036854775807)  # (age, slot) packed
-    key = tl.sort(key)
-    tl.store(order_ptr + offs_s, (key & 4294967295).to(tl.int32), mask=mask_s)
+    age = tl.load(age_ptr + offs_s, mask=offs_s < S, other=0)
+    key = tl.where(age < now, now - age, NEG_INF_KEY)
+    key = tl.where(offs_s < S, key, -2147483648)
+    m = tl.sum(miss.to(tl.int32), 0)
+    if m > 0:   # the m oldest free slots, ascending, into the scratch row
+        t, above = _kth_largest(age_ptr, age_ptr, key, S, S, m, BLOCK_S, True, False)
+        _take_top(age_ptr, age_ptr, key, S, S, t, above, m, order_ptr, BLOCK_S, True, False)
     tl.debug_barrier()
 
-    # The j-th miss takes the j-th free slot.
+    # The j-th miss takes the j-th of them.
     rank = tl.cumsum(miss.to(tl.int32), 0) - 1
     new = tl.load(order_ptr + rank, mask=miss, other=0).to(tl.int64)
     tl.store(slots_ptr + h * stride_out + offs_k, tl.where(hit, slot, new), mask=mask_k)
@@ -92,9 +103,12 @@ def assign_slots_ref(sel, chunk_slot, slot_chunk, slot_age, step, n_slots: int, 
     miss = ~hit
     age = slot_age.clone()
     age.scatter_(1, torch.where(hit, slot, trash_slot), _TAKEN)
-    free = torch.argsort(age[:, :S], dim=1, stable=True)      # (Hkv, S) free slots, LRU first
+    lru = torch.argsort(age[:, :S], dim=1, stable=True)       # (Hkv, S) free slots, LRU first
+    ids = torch.arange(S, device=sel.device).expand(sel.shape[0], S)
+    oldest = torch.zeros_like(ids, dtype=torch.bool).scatter_(1, lru, ids < miss.sum(1, keepdim=True))
+    taken = torch.where(oldest, ids, S).sort(dim=1).values    # the m oldest free slots, ascending, first
     rank = (torch.cumsum(miss, dim=1) - 1).clamp(min=0)       # each miss's rank among the misses
-    new = free.gather(1, rank)                                # (Hkv, k) the slot a miss takes
+    new = taken.gather(1, rank)                               # (Hkv, k) the slot a miss takes
     slots = torch.where(hit, slot, new)
     dst = torch.where(miss, new, -1)
     old = slot_chunk.gather(1, new)
@@ -144,5 +158,5 @@ def assign_slots(sel, chunk_slot, slot_chunk, slot_age, step, n_slots: int, hits
         slot_age, slot_age.stride(0), step, order, order.stride(0), slots, dst, slots.stride(0),
         hits if hits is not None else step, k, n_slots,
         BLOCK_K=next_pow2(k), BLOCK_S=BLOCK_S, COUNT_HITS=hits is not None,
-        num_warps=16 if BLOCK_S <= 1024 else 8)   # H100: 514 slots 11.8 us (4 warps: 22.1); 4,096: 82 us
+        num_warps=WARPS)
     return slots, dst

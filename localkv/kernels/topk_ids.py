@@ -13,7 +13,7 @@ more than one pass of real work, so one program per row does it as a *radix sele
    smallest key in its bracket, which one more reduction finds: 9.0 reductions a row in all on rows shaped
    like a 128K step's (`scripts/sim_topk_search.py`), where searching the key range down to one key took 22.
 3. Compact in id order: every key > T, then the first ``k - #(key > T)`` keys equal to T (ties go to
-   the lowest ids). A running cumsum gives each taken element its output slot.
+   the lowest ids). One scan, of both counts packed in an int32, gives each taken element its output slot.
 
 The result is sorted ids, no sort needed. Ties are broken by id, as the reference's stable sort does.
 NaN scores are not expected. (-inf is a score like any other: excluded chunks are -inf, and k never
@@ -31,14 +31,14 @@ MAX_BLOCK = 16384
 
 ALIGN = 16
 """Columns a caller pads rows to (`topk_ids`'s ``valid``). Triton vectorizes a row's loads only when it can
-prove the row length and the row stride multiples of 16, and unaligned rows cost far more than their loads
-(which part of the kernel pays was not profiled). On an H100 (`scripts/sweep_decode_ops.py --topk-only`,
-graphed, one run; 8 rows of landmark scores, k = 257): 34.9 µs at 16,380 columns, 21.3 at 16,384."""
+prove the row length and the row stride multiples of 16. On an H100 (`scripts/sweep_decode_ops.py --topk-only`,
+graphed, one run; 8 rows of landmark scores, k = 257): 17.7 µs at 16,384 columns, 21.5 at 16,380.
+(Before the compaction's two scans became one: 21.3 against 34.9 in the ninth session's run.)"""
 
 WARPS = 8
 """Warps of a program whose block is 8K scores or more (4 below that). On an H100 at the 128K ShadowKV shape
-(8 rows of 16,384 landmark scores, k = 257; scripts/sweep_decode_ops.py, graphed, one run): 21.3 µs at 8 warps,
-23.4 at 16, 35.3 at 4; the search over the whole key range it replaced took 30.5 µs at 8."""
+(8 rows of 16,384 landmark scores, k = 257; scripts/sweep_decode_ops.py, graphed, one run): 17.7 µs at 8 warps,
+18.8 at 16, 31.1 at 4; the kernel before, whose compaction took two scans, 21.7 at 8."""
 
 
 @triton.jit
@@ -112,20 +112,12 @@ def _range_within(s_ptr, e_ptr, keys, N, NV, lo, hi, BLOCK_N: tl.constexpr, ONE_
 
 
 @triton.jit
-def _topk_ids_kernel(
-    s_ptr, stride_s,          # scores (R, N) fp32: elements between rows; last dim contiguous
-    e_ptr, stride_e,          # exclusion mask (R, N) uint8 (when HAS_EX): nonzero scores count as -inf
-    out_ptr, stride_o,        # ids (R, k) int64
-    N, NV, k,                 # row length, scores in it (the rest: padding, read as -inf), ids to take
-    BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr, HAS_EX: tl.constexpr,
-):
-    r = tl.program_id(0).to(tl.int64)
-    s_ptr += r * stride_s
-    e_ptr += r * stride_e
-    out_ptr += r * stride_o
-    offs = tl.arange(0, BLOCK_N)
-    keys = _ordered_keys(s_ptr, e_ptr, offs, N, NV, HAS_EX)   # the whole row when ONE_BLOCK, else unused
-    # T, the k-th largest key, lies in [lo, hi] with c_lo = #(key >= lo) >= k and c_hi = #(key > hi) < k.
+def _kth_largest(s_ptr, e_ptr, keys, N, NV, k, BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr,
+                 HAS_EX: tl.constexpr):
+    """(T, above) for ``1 <= k``: T the k-th largest key of the row, ``above`` how many keys > T the top k
+    take (the other ``k - above`` are ties at T). ``keys``: the row's keys when it is one block (keys past N
+    are INT_MIN), else unused and each block is read again from ``s_ptr``, ``e_ptr``."""
+    # T lies in [lo, hi] with c_lo = #(key >= lo) >= k and c_hi = #(key > hi) < k.
     # Start from the row's extremes, leaving out the -inf of excluded chunks when k keys are above them
     # (a decode step's rows hold a few: their key would stretch the bracket over half the key range).
     # int64 bounds: no overflow at the ends of the key range.
@@ -159,22 +151,54 @@ def _topk_ids_kernel(
     first = k - c_hi == 1
     t = tl.where(lo == hi, lo.to(tl.int32), tl.where(first, top, bottom))
     # Keys above T to take: c_hi when T = lo = hi or T is the largest in the bracket; when T is the smallest,
-    # exactly k keys are >= T and all of them are taken (as ties: need_eq = k covers every one).
+    # exactly k keys are >= T and all of them are taken (as ties: k - above = k covers every one).
     above = tl.where((lo == hi) | first, c_hi, 0)
-    need_eq = k - above                                              # ties at T to take
-    # Compaction in id order, a block at a time: written ids so far, ties at T seen so far.
-    written = 0
+    return t, above
+
+
+@triton.jit
+def _take_top(s_ptr, e_ptr, keys, N, NV, t, above, k, out_ptr, BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr,
+              HAS_EX: tl.constexpr):
+    """Writes the ids of the top k (every key > T, then the first ``k - above`` keys equal to T) to
+    ``out_ptr[0 .. k-1]``, ascending, in ``out_ptr``'s dtype."""
+    offs = tl.arange(0, BLOCK_N)
+    need_eq = k - above
+    gt_seen = 0
     eq_seen = 0
     for n0 in range(0, N, BLOCK_N):
         if not ONE_BLOCK:
             keys = _ordered_keys(s_ptr, e_ptr, n0 + offs, N, NV, HAS_EX)
-        eq = keys == t
-        eq_rank = eq_seen + tl.cumsum(eq.to(tl.int32), 0)              # 1-based rank among the ties
-        take = (keys > t) | (eq & (eq_rank <= need_eq))
-        slot = written + tl.cumsum(take.to(tl.int32), 0) - 1
-        tl.store(out_ptr + slot, (n0 + offs).to(tl.int64), mask=take)
-        written += tl.sum(take.to(tl.int32), 0)
-        eq_seen += tl.sum(eq.to(tl.int32), 0)
+        gt = (keys > t).to(tl.int32)
+        eq = (keys == t).to(tl.int32)
+        # One scan gives both running counts, packed as in `_count_at_least`. An element's output slot is the
+        # keys above T up to it plus the ties taken up to it (at most need_eq): one less, counting from 0.
+        both = tl.cumsum(gt + (eq << 16), 0)
+        gt_upto = gt_seen + (both & 0xFFFF)
+        eq_upto = eq_seen + (both >> 16)
+        take = (gt != 0) | ((eq != 0) & (eq_upto <= need_eq))
+        slot = gt_upto + tl.minimum(eq_upto, need_eq) - 1
+        tl.store(out_ptr + slot, (n0 + offs).to(out_ptr.dtype.element_ty), mask=take)
+        if not ONE_BLOCK:
+            total = tl.sum(gt + (eq << 16), 0)
+            gt_seen += total & 0xFFFF
+            eq_seen += total >> 16
+
+
+@triton.jit
+def _topk_ids_kernel(
+    s_ptr, stride_s,          # scores (R, N) fp32: elements between rows; last dim contiguous
+    e_ptr, stride_e,          # exclusion mask (R, N) uint8 (when HAS_EX): nonzero scores count as -inf
+    out_ptr, stride_o,        # ids (R, k) int64
+    N, NV, k,                 # row length, scores in it (the rest: padding, read as -inf), ids to take
+    BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr, HAS_EX: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64)
+    s_ptr += r * stride_s
+    e_ptr += r * stride_e
+    out_ptr += r * stride_o
+    keys = _ordered_keys(s_ptr, e_ptr, tl.arange(0, BLOCK_N), N, NV, HAS_EX)  # the row when ONE_BLOCK, else unused
+    t, above = _kth_largest(s_ptr, e_ptr, keys, N, NV, k, BLOCK_N, ONE_BLOCK, HAS_EX)
+    _take_top(s_ptr, e_ptr, keys, N, NV, t, above, k, out_ptr, BLOCK_N, ONE_BLOCK, HAS_EX)
 
 
 def topk_ids_ref(scores: torch.Tensor, k: int, excluded: torch.Tensor | None = None) -> torch.Tensor:
@@ -193,7 +217,7 @@ def topk_ids(scores: torch.Tensor, k: int, out: torch.Tensor | None = None,
     entries score -inf (read in the same pass: no masked copy of the scores). ``valid`` (default N): only the
     first ``valid`` columns are scores; the rest of each row is padding, read (whatever it holds) but never
     taken. A caller pads rows to a multiple of 16 columns, in a buffer whose row stride is one too: the kernel's
-    loads are then vectorized: on an H100 a 128K step's select takes 21 µs, not 35 (``ALIGN``).
+    loads are then vectorized: on an H100 a 128K step's select takes 17.7 µs, not 21.5 (``ALIGN``).
     """
     check(scores.dim() == 2 and scores.dtype == torch.float32, "scores must be (R, N) fp32")
     R, N = scores.shape

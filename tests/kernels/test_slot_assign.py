@@ -68,3 +68,27 @@ def test_rejects_too_few_slots():
     tables = _tables(1, 3, 10)
     with pytest.raises(ValueError):
         assign_slots(torch.arange(4, device=DEVICE)[None], *tables, 3)
+
+
+@pytest.mark.parametrize("spread", [3, 2**30])
+def test_misses_take_the_oldest_free_slots(spread, kernel_ran):
+    """Ages drawn from a few recent steps, or from the whole int32 range (slots idle for ages, never used): the
+    misses take the free slots used longest ago, ties to the lowest slot, in ascending slot order."""
+    Hkv, k, n_slots, n_chunks = 3, 12, 40, 90
+    chunk_slot, slot_chunk, slot_age, step = _tables(Hkv, n_slots, n_chunks)
+    step.fill_(spread + 5)
+    slot_age[:, :n_slots] = torch.randint(0, spread + 5, (Hkv, n_slots), dtype=torch.int32, device=DEVICE)
+    slot_age[:, :n_slots:7] = 0                                   # never used
+    for h in range(Hkv):                                          # a chunk in some slots: the hits to come
+        held = torch.randperm(n_chunks, device=DEVICE)[:n_slots // 2]
+        slot_chunk[h, :n_slots // 2] = held
+        chunk_slot[h, held] = torch.arange(n_slots // 2, device=DEVICE)
+    sel = torch.stack([torch.randperm(n_chunks, device=DEVICE)[:k].sort().values for _ in range(Hkv)])
+    ages = slot_age.clone()
+    slots, dst = assign_slots(sel, chunk_slot, slot_chunk, slot_age, step, n_slots)
+    kernel_ran("assign_slots")
+    for h in range(Hkv):
+        hit_slots = {s for s, d in zip(slots[h].tolist(), dst[h].tolist()) if d < 0}
+        free = sorted((int(ages[h, s]), s) for s in range(n_slots) if s not in hit_slots)
+        m = int((dst[h] >= 0).sum())
+        assert dst[h][dst[h] >= 0].tolist() == sorted(s for _, s in free[:m])

@@ -42,7 +42,7 @@ def select_chunks(q: torch.Tensor, landmarks: torch.Tensor, excluded: torch.Tens
         landmarks: (Hkv, n_chunks, D).
         excluded: (Hkv, >= n_chunks) bool, chunks that must not be selected (sink, outliers); columns past
             n_chunks may hold anything. With ``ALIGN`` columns past them, and a row stride of a multiple of it,
-            the select reads aligned rows (`kernels.topk_ids`: 21 µs against 35 at 128K on an H100).
+            the select reads aligned rows (`kernels.topk_ids`: 17.7 µs against 21.5 at 128K on an H100).
         k: chunks per head, at most the number of chunks not excluded.
 
     Returns:
@@ -82,7 +82,7 @@ class ChunkBuffer:
         self.k = torch.zeros(Hkv, n_slots * C, D, dtype=self.dtype, device=dev)
         self.v = torch.zeros(Hkv, n_slots * C, D, dtype=self.dtype, device=dev)
         self.slot_chunk = torch.full((Hkv, n_slots + 1), -1, dtype=torch.long, device=dev)
-        self.slot_age = torch.zeros(Hkv, n_slots + 1, dtype=torch.int32, device=dev)  # int32: a cheaper sort
+        self.slot_age = torch.zeros(Hkv, n_slots + 1, dtype=torch.int32, device=dev)  # int32: the kernel's keys
         self.chunk_slot = torch.full((Hkv, n_chunks + 1), -1, dtype=torch.long, device=dev)
         self.n_slots, self.n_chunks = n_slots, n_chunks
 
