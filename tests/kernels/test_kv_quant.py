@@ -59,7 +59,9 @@ def test_roundtrip_and_reference(name, kind, bits, dtype, scale_dtype, kernel_ra
     r_y = dequantize_page_ref(r_packed, r_scale, r_zero, kind=kind, bits=bits, group=group, dtype=torch.float32)
     quantum = _expand(scale.float(), kind, group, T)
     assert torch.all((y - r_y).abs() <= quantum * 1.001 + 1e-6)
-    assert (packed != r_packed).float().mean() < 0.01
+    # Rare: at most 1% of the bytes, and at least one may differ (a single token's int4 page is 96 bytes, where
+    # one tie would be 1.04%: it failed so on an H100).
+    assert int((packed != r_packed).sum()) <= max(1, packed.numel() // 100)
 
 
 @pytest.mark.parametrize("kind", ["key", "value"])
