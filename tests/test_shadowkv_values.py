@@ -22,10 +22,13 @@ def test_decode_is_as_with_exact_keys_over_half_the_bytes(tiny, tmp_path):
     """The same prompt and greedy decode with and without the exact keys, over every tier: decode reads only values
     from the store, so while both run on the first block's basis the logits agree to rounding (the values-only
     cache projects that block from the keys in hand, the other un-rotates them from the store). The values-only
-    cache asks for a refresh at every block (refresh_error=0) and the rule is off: its basis stays. Each tier holds
-    the same pages at half the bytes, and the same chunks are selected, hit and fetched."""
+    cache asks for a refresh at every block (refresh_error=0) and the rule is off: its basis stays. The store with
+    the exact keys gets twice the GPU bytes and room for everything in CPU memory, and caches values on the GPU
+    (`KVStore.gpu_values`): twice the pages of the values-only store, whose older pages go to CPU and disk. The
+    same chunks are selected and hit, and as many values fetched, more of them from the GPU."""
     model, args = tiny
-    caches = [make_cache("shadowkv", args, 2048, budgets=_budgets(args, tmp_path / f"p{parts}", 2, 3, 32, parts),
+    caches = [make_cache("shadowkv", args, 2048, budgets=_budgets(args, tmp_path / f"p{parts}", 2 * parts,
+                                                                  3 if parts == 1 else 200, 32, 1),
                          exact_keys=parts == 2, **dict(OPTS, refresh_error=1e9 if parts == 2 else 0.0))
               for parts in (2, 1)]
     prompt = torch.randint(0, V, (int(torch.randint(250, 400, ())),))
@@ -34,10 +37,14 @@ def test_decode_is_as_with_exact_keys_over_half_the_bytes(tiny, tmp_path):
     assert runs[0][0] == runs[1][0]
     torch.testing.assert_close(runs[1][1], runs[0][1], rtol=1e-4, atol=1e-4)
     a, b = (c.stats() for c in caches)
-    for key in ("gpu_bytes", "cpu_bytes", "disk_bytes"):
-        assert 2 * b[key] == a[key] > 0, key
-    for key in ("gpu_tokens", "cpu_tokens", "disk_tokens", "chunks_selected", "hit_rate", "fetched_bytes_per_token"):
+    assert caches[0].store.gpu_values and not caches[1].store.gpu_values
+    open_tokens = a["gpu_tokens"]                                 # a's GPU tier is no page's home
+    assert a["gpu_value_tokens"] - open_tokens == 2 * (b["gpu_tokens"] - open_tokens) > 0
+    assert a["cpu_tokens"] == b["gpu_tokens"] + b["cpu_tokens"] + b["disk_tokens"] - open_tokens
+    for key in ("chunks_selected", "hit_rate"):
         assert b[key] == a[key], key
+    fa, fb = a["fetched_bytes_per_token"], b["fetched_bytes_per_token"]
+    assert sum(fa.values()) == pytest.approx(sum(fb.values())) and fa["device"] > fb["device"]
     assert b["disk_tokens"] > 0 and b["fetched_bytes_per_token"]["disk"] > 0
     assert a["basis_refreshes"] == b["basis_refreshes"] == args.n_layers   # the first block's SVD, nothing after
     assert b["basis_fixed"] and not b["exact_keys"] and a["exact_keys"] and not a["basis_fixed"]
@@ -183,3 +190,21 @@ def test_values_only_store_budgets_default_to_half(tiny):
     _, args = tiny
     a, b = (make_cache("shadowkv", args, 1024, exact_keys=e, **OPTS) for e in (True, False))
     assert a.store.budgets.gpu_bytes == 2 * b.store.budgets.gpu_bytes > 0
+
+
+def test_planner_gives_the_exact_keys_store_a_gpu_tier_of_values():
+    """128K of Llama-3.1-8B, 8 GB of GPU room and 64 GB of CPU memory: the context spills past the GPU, so the store
+    with the exact keys caches values there (as many tokens as the values-only store's GPU tier holds), with every
+    token's K and V in CPU memory; with room for none of it below, the GPU tier keeps pages of K and V."""
+    from localkv.bench.shapes import shape_args
+    from localkv.offload.planner import make_plan
+
+    args = shape_args("llama3-8b")
+    kw = dict(policy="shadowkv", device="cpu", kv_dtype=torch.bfloat16, weights_bytes=0, gpu_mem=8 * 2**30)
+    plan = make_plan(args, 128 * 1024, cpu_mem=64 * 2**30, **kw)
+    values = make_plan(args, 128 * 1024, cpu_mem=64 * 2**30, options={"exact_keys": False}, **kw)
+    assert 0 < plan.gpu.tokens == values.gpu.tokens < 128 * 1024 and plan.gpu.bytes == values.gpu.bytes
+    assert plan.cpu.tokens == 128 * 1024 and plan.tiered and any("caches the values" in n for n in plan.notes)
+    pages = make_plan(args, 128 * 1024, cpu_mem=12 * 2**30, **kw)          # K and V do not fit below the GPU
+    assert pages.gpu.tokens + pages.cpu.tokens == 128 * 1024 and pages.gpu.tokens * 2 < plan.gpu.tokens + 2
+    assert not any("caches the values" in n for n in pages.notes)

@@ -196,3 +196,46 @@ def test_values_only_pages_round_trip_through_every_tier(tmp_path):
         assert torch.equal(store.read_page(0, cut // 16)[0], v[0, cut // 16 * 16:cut // 16 * 16 + 16].transpose(0, 1))
         store.truncate(cut)
     assert cut_tiers == {"gpu", "cpu", "disk"}                    # a cut page came back from each tier
+
+
+def test_gpu_tier_of_values_caches_the_newest_values_above_every_page_home(tmp_path):
+    """``gpu_values=True``: every sealed page's K and V live in the CPU tier or on disk, its home; the GPU tier holds
+    copies of the values of the newest pages, twice the pages its budget would hold of K and V, and drops the oldest
+    copy when full. Keys are read from the home, values from the copy; truncation and a cut page still work."""
+    from localkv.offload.pages import KEYS, VALUES
+
+    g = PageGeometry(2, 2, 8, 16, torch.float32)
+    store = KVStore(g, Budgets(2 * 2 * g.page_bytes, 3 * 2 * g.page_bytes, tmp_path), torch.device("cpu"),
+                    gpu_values=True)
+    assert store.gpu_values and store.gpu.geometry.parts == 1 and store.gpu.pages_per_layer == 4
+    n = 16 * 9 + 5
+    k, v = torch.randn(2, n, 2, 8), torch.randn(2, n, 2, 8)
+    for layer in range(2):
+        for a in range(0, n, 23):
+            store.write(layer, a, k[layer, a:a + 23], v[layer, a:a + 23])
+    pages = store.pages[1]
+    assert all(e.cpu >= 0 or e.disk >= 0 for e in pages) and {store.home(e) for e in pages} == {"cpu", "disk"}
+    assert [e.gpu >= 0 for e in pages] == [False] * 5 + [True] * 4          # the newest four pages' values
+    for layer in range(2):
+        for index, e in enumerate(store.pages[layer]):
+            rows = slice(index * 16, (index + 1) * 16)
+            page = store.read_page(layer, index)                            # from the home: K and V
+            assert torch.equal(page[0], k[layer, rows].transpose(0, 1))
+            assert torch.equal(page[1], v[layer, rows].transpose(0, 1))
+            tier, slot = store.locate(e, VALUES)
+            assert tier == ("gpu" if e.gpu >= 0 else store.home(e))
+            if tier == "gpu":
+                assert torch.equal(store.gpu.page(layer, slot)[0], v[layer, rows].transpose(0, 1))
+            assert store.locate(e, KEYS)[0] == store.home(e)
+    assert all(run.tier != "gpu" for run in store.runs(1, n))                # readers of K and V go home
+    stats = store.stats()
+    assert stats["gpu_value_tokens"] == 4 * 16 + 5 and stats["gpu_tokens"] == 5
+    assert stats["cpu_tokens"] + stats["disk_tokens"] == 9 * 16
+    for cut in (16 * 8 + 3, 16 * 2 + 9):                                     # a cached page, then a disk one
+        store.truncate(cut)
+        assert torch.equal(store.open_page(0)[0, :, :cut % 16], k[0, cut // 16 * 16:cut].transpose(0, 1))
+        assert store.gpu.used_per_layer[0] == sum(e.gpu >= 0 for e in store.pages[0])
+        store.write(0, cut, k[0, cut:cut + 40], v[0, cut:cut + 40])
+        e = store.pages[0][cut // 16]
+        assert e.gpu >= 0 and torch.equal(store.gpu.page(0, e.gpu)[0],
+                                          v[0, cut // 16 * 16:cut // 16 * 16 + 16].transpose(0, 1))

@@ -183,11 +183,21 @@ def make_plan(args: ModelArgs, ctx_tokens: int, *, model: str = "model", policy:
             f"a {format_tokens(ctx_tokens)}-token context needs {format_bytes(need)} of KV "
             f"({format_bytes(per_token)}/token), more than every tier together can hold ({where}){hint}")
     left = ctx_tokens
-    for tier, budget in ((plan.gpu, gpu_budget), (plan.cpu, cpu_budget), (plan.disk, disk_budget)):
+    tiers = ((plan.gpu, gpu_budget), (plan.cpu, cpu_budget), (plan.disk, disk_budget))
+    gpu_values = False
+    if policy == "shadowkv" and parts == 2:
+        from .policies.shadowkv import values_on_gpu
+
+        gpu_values = values_on_gpu(need, gpu_budget, cpu_budget)
+    if gpu_values:   # the GPU tier caches the newest values; every token's K and V live below it
+        plan.gpu.tokens = min(ctx_tokens, gpu_budget // (per_token // 2))
+        plan.gpu.bytes = plan.gpu.tokens * (per_token // 2)
+        tiers = tiers[1:]
+    for tier, budget in tiers:
         tier.tokens = min(left, budget // per_token)
         tier.bytes = tier.tokens * per_token
         left -= tier.tokens
-    plan.tiered = plan.gpu.tokens < ctx_tokens or gpu_mem is not None or cpu_mem is not None or disk is not None
+    plan.tiered = gpu_values or plan.gpu.tokens < ctx_tokens or gpu_mem is not None or cpu_mem is not None or disk is not None
     offload_s = plan.cpu.bytes / bw.h2d + plan.disk.bytes / bw.disk if device.type == "cuda" else plan.disk.bytes / bw.disk
     plan.ms_per_token = 1e3 * (weights / bw.hbm + plan.gpu.bytes / bw.hbm + offload_s)
     if policy == "shadowkv":
@@ -199,6 +209,10 @@ def make_plan(args: ModelArgs, ctx_tokens: int, *, model: str = "model", policy:
         plan.notes.append(f"shadowkv keeps {format_bytes(index_bytes)} of index {where}, and reads "
                           f"{format_bytes(step_bytes)} of values a step at full context "
                           f"(fewer with chunks reused from the step before)")
+        if gpu_values:
+            plan.notes.append(f"shadowkv's GPU tier caches the values of the newest {plan.gpu.tokens:,} tokens, "
+                              "which is all a decode step reads from the store; every token's K and V live in "
+                              "CPU memory")
         if parts == 1:
             plan.notes.append("shadowkv with exact_keys=False stores values only (keys come from its low-rank "
                               "index): half the KV bytes, no session save, truncation only within the recent window")

@@ -13,6 +13,12 @@ stay nearest the GPU, and a page is copied down at most twice and written to dis
 Each layer has an equal share of every tier's budget (all layers hold the same tokens), so a layer's pages
 sit in consecutive slots of that layer's arenas and files: a run of them moves in one copy or one read.
 When neither tier below has room the store refuses with ContextOverflowError: a context past every tier.
+
+A store made with ``gpu_values=True`` (for a policy whose decode reads only V from the store: ShadowKV with
+exact keys) spends its GPU budget on copies of pages' values, twice the tokens a page of K and V would hold.
+Every sealed page then has its *home*, K and V, in the CPU tier or on disk, and the GPU tier caches the values
+of the newest pages: sealing writes the page home and its V to the GPU while there is room, and a full GPU tier
+drops its oldest copy (nothing to move: the home has it). `locate` says where a page's keys or values are read.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import shutil
 import tempfile
 import weakref
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -84,14 +90,17 @@ def _remove_scratch(disk: DiskTier, path: Path) -> None:
 
 
 class KVStore:
-    def __init__(self, geometry: PageGeometry, budgets: Budgets, device: torch.device):
+    def __init__(self, geometry: PageGeometry, budgets: Budgets, device: torch.device, gpu_values: bool = False):
         self.geometry = geometry
         self.budgets = budgets
         self.device = device
+        self.gpu_values = gpu_values and geometry.parts == 2
+        """The GPU tier holds copies of pages' values (see the module's docstring)."""
         on_gpu = device.type == "cuda"
-        per_layer = lambda total: max(0, total // geometry.page_bytes // geometry.n_layers)  # noqa: E731
-        self.gpu = PagePool(geometry, per_layer(budgets.gpu_bytes), device)
-        self.cpu = PagePool(geometry, per_layer(budgets.cpu_bytes), torch.device("cpu"), pin=on_gpu)
+        per_layer = lambda total, g: max(0, total // g.page_bytes // g.n_layers)  # noqa: E731
+        gpu_geometry = replace(geometry, parts=1) if self.gpu_values else geometry
+        self.gpu = PagePool(gpu_geometry, per_layer(budgets.gpu_bytes, gpu_geometry), device)
+        self.cpu = PagePool(geometry, per_layer(budgets.cpu_bytes, geometry), torch.device("cpu"), pin=on_gpu)
         self.disk = None
         if budgets.disk_dir is not None:
             max_pages = None if budgets.disk_bytes is None else budgets.disk_bytes // geometry.page_bytes
@@ -134,21 +143,40 @@ class KVStore:
         data = self.open[layer]
         entry = PageEntry()
         index = len(self.pages[layer])
+        if self.gpu_values:
+            self._place_below(layer, index, entry, data)   # may raise (disk full), before anything is committed
+            slot = self._alloc(self.gpu, self.gpu_fifo, layer, self._drop_gpu_values)
+            if slot is not None:
+                self.gpu.page(layer, slot)[0].copy_(data[self.geometry.part_index(VALUES)])
+                entry.gpu = slot
+                self.gpu_fifo[layer].append(index)
+            self.pages[layer].append(entry)
+            return
         slot = self._alloc(self.gpu, self.gpu_fifo, layer, self._demote_gpu)
         if slot is not None:
             self.gpu.page(layer, slot).copy_(data)
             entry.gpu = slot
             self.gpu_fifo[layer].append(index)
         else:
-            slot = self._alloc(self.cpu, self.cpu_fifo, layer, self._demote_cpu)
-            if slot is not None:
-                self.cpu.page(layer, slot).copy_(data, non_blocking=self.cpu.pin)  # ordered: see _host_ready
-                self.moved.d2h += self.geometry.page_bytes if self.device.type == "cuda" else 0
-                entry.cpu = slot
-                self.cpu_fifo[layer].append(index)
-            else:
-                entry.disk = self._write_disk(layer, data.cpu())
+            self._place_below(layer, index, entry, data)
         self.pages[layer].append(entry)
+
+    def _place_below(self, layer: int, index: int, entry: PageEntry, data: torch.Tensor) -> None:
+        """Page ``index`` (``data`` on the device) to the CPU tier, or to disk when the CPU tier is full."""
+        slot = self._alloc(self.cpu, self.cpu_fifo, layer, self._demote_cpu)
+        if slot is not None:
+            self.cpu.page(layer, slot).copy_(data, non_blocking=self.cpu.pin)  # ordered: see _host_ready
+            self.moved.d2h += self.geometry.page_bytes if self.device.type == "cuda" else 0
+            entry.cpu = slot
+            self.cpu_fifo[layer].append(index)
+        else:
+            entry.disk = self._write_disk(layer, data.cpu())
+
+    def _drop_gpu_values(self, layer: int, index: int) -> None:
+        """A ``gpu_values`` store's GPU tier is full: the oldest copy of values goes (its home has them)."""
+        entry = self.pages[layer][index]
+        self.gpu.release(layer, entry.gpu)
+        entry.gpu = -1
 
     def _alloc(self, pool: PagePool, fifo: deque, layer: int, demote) -> int | None:
         slot = pool.alloc(layer)
@@ -197,6 +225,20 @@ class KVStore:
         return slot
 
     # -- reading -----------------------------------------------------------------------------------------
+    def home(self, entry: PageEntry) -> str:
+        """The tier that holds a sealed page's K and V (for a ``gpu_values`` store, never the GPU)."""
+        if self.gpu_values:
+            return CPU if entry.cpu >= 0 else DISK
+        return entry.tier
+
+    def locate(self, entry: PageEntry, part: int) -> tuple[str, int]:
+        """(tier, slot) to read ``part`` (KEYS or VALUES) of a sealed page from: the GPU's copy of its values when
+        there is one, else its home."""
+        if entry.gpu >= 0 and (part == VALUES or not self.gpu_values):
+            return GPU, entry.gpu
+        tier = self.home(entry)
+        return tier, getattr(entry, tier)
+
     def sealed_pages(self, layer: int, n_tokens: int) -> int:
         """Pages of ``layer`` wholly inside the first ``n_tokens`` tokens."""
         return min(n_tokens // self.geometry.page_tokens, len(self.pages[layer]))
@@ -206,7 +248,7 @@ class KVStore:
         runs: list[Run] = []
         for index in range(self.sealed_pages(layer, n_tokens)):
             entry = self.pages[layer][index]
-            tier = entry.tier
+            tier = self.home(entry)
             slot = getattr(entry, tier)
             last = runs[-1] if runs else None
             if (last is not None and last.tier == tier and last.slot + last.n == slot
@@ -254,7 +296,7 @@ class KVStore:
         """One sealed page on the device, from wherever it lives (a slow path: truncation, sessions, the
         chunks a sparse policy selects from disk). Counted in ``moved``."""
         entry = self.pages[layer][index]
-        if entry.gpu >= 0:
+        if entry.gpu >= 0 and not self.gpu_values:
             return self.gpu.page(layer, entry.gpu)
         if entry.cpu >= 0:
             self._host_ready()
@@ -269,14 +311,18 @@ class KVStore:
 
     # -- numbers -----------------------------------------------------------------------------------------
     def stats(self) -> dict:
+        """Tokens and bytes per tier. Tokens count each page once, at its home; a ``gpu_values`` store also
+        reports ``gpu_value_tokens``, those whose values its GPU tier holds copies of."""
         P = self.geometry.page_tokens
         count = {GPU: 0, CPU: 0, DISK: 0}
+        cached = 0
         for layer_pages in self.pages:
             for e in layer_pages:
-                count[e.tier] += 1
+                count[self.home(e)] += 1
+                cached += e.gpu >= 0
         L = self.geometry.n_layers
         open_tokens = self.tokens[0] % P if self.tokens else 0
-        return {
+        out = {
             "gpu_tokens": count[GPU] * P // L + open_tokens, "cpu_tokens": count[CPU] * P // L,
             "disk_tokens": count[DISK] * P // L,
             "gpu_bytes": self.gpu.used_bytes + self.open.numel() * self.open.element_size(),
@@ -284,3 +330,6 @@ class KVStore:
             "gpu_budget": self.budgets.gpu_bytes, "cpu_budget": self.budgets.cpu_bytes,
             "moved_bytes": self.moved.as_dict(),
         }
+        if self.gpu_values:
+            out["gpu_value_tokens"] = cached * P // L + open_tokens
+        return out

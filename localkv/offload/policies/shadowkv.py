@@ -1,7 +1,9 @@
 """The ShadowKV policy over the tiered store: low-rank keys and landmarks on the device, values fetched sparsely.
 
 ShadowKV (arXiv 2410.21465; research/methods.md) as localkv runs it. The full K and V of every token go to the
-`KVStore` (keys rotated, as the exact policy writes them, so both views can share a store); the policy adds a
+`KVStore` (keys rotated, as the exact policy writes them, so both views can share a store). When the context
+spills past the GPU tier and CPU memory can hold all of it, the GPU tier caches values only, twice the tokens,
+since decode reads nothing else from the store (`values_on_gpu`, `KVStore.gpu_values`). The policy adds a
 device-side index per layer and attends, at each decode step, to
 
     sink | outliers | selected chunks | recent window (local chunks + generated tokens)
@@ -146,6 +148,14 @@ class RopeTable:
         return (k * c - rotate_half(k) * s) / self.rope.attention_factor ** 2
 
 
+def values_on_gpu(need: int, gpu_bytes: int, cpu_bytes: int) -> bool:
+    """Whether a store of K and V (``need`` bytes at full context) spends its GPU tier on copies of values
+    (`KVStore.gpu_values`): when the context spills past the GPU tier anyway, and the CPU tier can hold all of it.
+    A decode step reads only values from the store, and a GPU tier of values holds twice the tokens. (With a disk
+    in play the CPU tier would hold the newest pages, whose values the GPU has: older values would come from disk.)"""
+    return gpu_bytes < need <= cpu_bytes
+
+
 def store_parts(options: dict) -> int:
     """Parts of a store page under these options, for the planner: 2 (K and V), or 1 with ``exact_keys=False``."""
     return 2 if ShadowKVConfig.from_options(options).exact_keys else 1
@@ -212,9 +222,11 @@ class ShadowKV(KVCache):
         device = torch.device(device)
         geometry = PageGeometry(args.n_layers, args.n_kv_heads, args.head_dim, cfg.page_tokens, dtype,
                                 parts=2 if cfg.exact_keys else 1)
+        need = geometry.n_pages(capacity) * geometry.page_bytes * args.n_layers
         if budgets is None:  # the whole context on the device (a CPU machine, or a GPU with room)
-            budgets = Budgets(geometry.n_pages(capacity) * geometry.page_bytes * args.n_layers, 0)
-        self.store = KVStore(geometry, budgets, device)
+            budgets = Budgets(need, 0)
+        self.store = KVStore(geometry, budgets, device, gpu_values=cfg.exact_keys and values_on_gpu(
+            need, budgets.gpu_bytes, budgets.cpu_bytes))
         self.reader = BlockReader(self.store, block_pages=cfg.block_pages, ring_blocks=cfg.ring_blocks)
         self.tables = RopeTable(Rope(args, device), dtype, capacity)
         self.index_host = device.type == "cuda" and (cfg.index_tier == "cpu" or cfg.index_tier is None and index_on_host(

@@ -8,8 +8,10 @@ pool) is seen as a buffer ``(Hkv, rows, D)`` with head stride ``P*D`` and token 
 ``(s*parts*Hkv*P + o) / C``, counted from the K (or, shifted by ``Hkv*P*D`` elements, the V) of slot 0. The
 segments of a layer are the arenas of its GPU-tier and CPU-tier pages and its open page (one page, on the
 device), a handful, listed on the host when the layer's pages change, with a device page table (each page's
-segment and first chunk number there). One `kernels.gather_pages` launch then moves every requested chunk of
-the layer from whichever segment holds it, read by the GPU straight from pinned memory for the CPU tier.
+segment and first chunk number there). There is one list and one table per part: a store whose GPU tier
+caches values (`KVStore.gpu_values`) reads a page's values from that copy and its keys from the page's home.
+One `kernels.gather_pages` launch then moves every requested chunk of the layer from whichever segment holds
+it, read by the GPU straight from pinned memory for the CPU tier.
 
 Pages on disk need the host: when a layer has any, the requested chunks are read back once (one sync for the
 layer) and their pages read through the store. The counts of chunks moved per tier accumulate on the device.
@@ -29,6 +31,10 @@ from ..store import DISK, GPU, KVStore
 DEVICE_TIER, CPU_TIER, DISK_TIER = 0, 1, DISK_KIND  # rows of the ``moved`` counters: chunks read from each
 
 
+def _addresses(segments: dict[int, list[tuple[int, torch.Tensor]]]) -> list:
+    return [(part, [(k, a.data_ptr()) for k, a in segs]) for part, segs in sorted(segments.items())]
+
+
 def _arena_view(arena: torch.Tensor, index: int) -> torch.Tensor:
     """Pages (n, parts, Hkv, P, D) seen as (Hkv, rows, D) chunk buffers of their part at ``index``."""
     n, parts, Hkv, P, D = arena.shape
@@ -43,61 +49,74 @@ class StoreChunks:
         self.store, self.layer, self.C = store, layer, chunk_tokens
         self.stale = True
         self.n_pages = -1
-        self.segments: list[tuple[int, torch.Tensor]] = []
-        self.seg_of: torch.Tensor | None = None
-        self.base: torch.Tensor | None = None
+        self.segments: dict[int, list[tuple[int, torch.Tensor]]] = {}   # per part (KEYS, VALUES)
+        self.seg_of: dict[int, torch.Tensor] | None = None
+        self.base: dict[int, torch.Tensor] | None = None
 
     def _table(self) -> None:
-        """(Re)build the page table: the segment of each page and its first chunk's number in it."""
+        """(Re)build the page tables: per part, the segment of each page and its first chunk's number there."""
         store, layer = self.store, self.layer
         pages = store.pages[layer]
         if not self.stale and len(pages) == self.n_pages:
             return
-        g = store.geometry
-        per_slot = g.parts * g.n_kv_heads * g.page_tokens // self.C   # chunk numbers between two arena slots
+        parts = (KEYS, VALUES) if store.geometry.parts == 2 else (VALUES,)
+        tables = {part: self._part_table(part) for part in parts}
+        # The tables are rewritten in place (grown by doubling), so a graphed step captured over them reads the
+        # new pages of a later seal; the segments themselves are part of its `signature`.
+        dev, m = store.device, len(pages) + 1
+        if self.seg_of is None or self.seg_of[VALUES].numel() < m:
+            size = max(m, 64, 2 * (self.seg_of[VALUES].numel() if self.seg_of is not None else 0))
+            self.seg_of = {part: torch.full((size,), -1, dtype=torch.long, device=dev) for part in parts}
+            self.base = {part: torch.zeros(size, dtype=torch.long, device=dev) for part in parts}
+        for part, (segments, seg_of, base) in tables.items():
+            self.seg_of[part][:m].copy_(torch.tensor(seg_of))   # page -> segment, -1: disk
+            self.base[part][:m].copy_(torch.tensor(base))       # page -> its first chunk
+        segments = {part: t[0] for part, t in tables.items()}
+        if _addresses(segments) != _addresses(self.segments):
+            self.kind = {part: torch.tensor([k for k, _ in segs], dtype=torch.long, device=dev)
+                         for part, segs in segments.items()}
+            # V is the last part of an arena's pages: (n, parts, Hkv, P, D)
+            self.views = {part: [_arena_view(a, part - 2 + a.shape[1]) for _, a in segs]
+                          for part, segs in segments.items()}
+            self.addr = {part: segment_addresses(views, dev) for part, views in self.views.items()}
+        self.segments = segments
+        self.has_disk = {part: -1 in t[1] for part, t in tables.items()}
+        self.n_pages = len(pages)
+        self.stale = False
+
+    def _part_table(self, part: int) -> tuple[list[tuple[int, torch.Tensor]], list[int], list[int]]:
+        """(segments, segment of each page, first chunk of each page there) for reading ``part``; the open
+        page is the last page and the last segment."""
+        store, layer, C = self.store, self.layer, self.C
         segments: list[tuple[int, torch.Tensor]] = []
         ids: dict[tuple[str, int], int] = {}
         seg_of, base = [], []
-        for entry in pages:
-            tier = entry.tier
+        for entry in store.pages[layer]:
+            tier, slot = store.locate(entry, part)
             if tier == DISK:
                 seg_of.append(-1)
                 base.append(0)
                 continue
-            pool, slot = (store.gpu, entry.gpu) if tier == GPU else (store.cpu, entry.cpu)
+            pool = store.gpu if tier == GPU else store.cpu
+            g = pool.geometry
             arena, s = divmod(slot, pool.arena_pages)
             if (tier, arena) not in ids:
                 ids[tier, arena] = len(segments)
                 segments.append((DEVICE_TIER if tier == GPU else CPU_TIER, pool.arenas[layer][arena]))
             seg_of.append(ids[tier, arena])
-            base.append(s * per_slot)
-        seg_of.append(len(segments))                            # the open page, one more "arena"
+            base.append(s * (g.parts * g.n_kv_heads * g.page_tokens // C))   # chunk numbers between arena slots
+        seg_of.append(len(segments))
         base.append(0)
         segments.append((DEVICE_TIER, store.open[layer][None]))
-        # The tables are rewritten in place (grown by doubling), so a graphed step captured over them reads the
-        # new pages of a later seal; the segments themselves are part of its `signature`.
-        dev, m = store.device, len(seg_of)
-        if self.seg_of is None or self.seg_of.numel() < m:
-            size = max(m, 64, 2 * (self.seg_of.numel() if self.seg_of is not None else 0))
-            self.seg_of = torch.full((size,), -1, dtype=torch.long, device=dev)   # page -> segment, -1: disk
-            self.base = torch.zeros(size, dtype=torch.long, device=dev)           # page -> its first chunk
-        self.seg_of[:m].copy_(torch.tensor(seg_of))
-        self.base[:m].copy_(torch.tensor(base))
-        if [(k, a.data_ptr()) for k, a in segments] != [(k, a.data_ptr()) for k, a in self.segments]:
-            self.kind = torch.tensor([k for k, _ in segments], dtype=torch.long, device=dev)
-            parts = (KEYS, VALUES) if g.parts == 2 else (VALUES,)
-            self.views = {part: [_arena_view(a, g.part_index(part)) for _, a in segments] for part in parts}
-            self.addr = {part: segment_addresses(views, dev) for part, views in self.views.items()}
-        self.segments = segments
-        self.has_disk = -1 in seg_of
-        self.n_pages = len(pages)
-        self.stale = False
+        return segments, seg_of, base
 
     def signature(self) -> tuple:
         """What a graphed `fetch` has baked in: the segments and the tables' addresses."""
         self._table()
-        return (tuple((k, a.data_ptr()) for k, a in self.segments), self.seg_of.data_ptr(),
-                self.base.data_ptr(), self.kind.data_ptr(), *(a.data_ptr() for a in self.addr.values()))
+        parts = sorted(self.segments)
+        return (_addresses(self.segments), *(self.seg_of[p].data_ptr() for p in parts),
+                *(self.base[p].data_ptr() for p in parts), *(self.kind[p].data_ptr() for p in parts),
+                *(self.addr[p].data_ptr() for p in parts))
 
     def fetch(self, part: int, chunks: torch.Tensor, dst: torch.Tensor, out: torch.Tensor,
               moved: torch.Tensor | None = None) -> None:
@@ -112,10 +131,11 @@ class StoreChunks:
         """
         self._table()
         C, P = self.C, self.store.geometry.page_tokens
-        gather_pages(self.views[part], self.seg_of, self.base, chunks, dst, out, chunk_tokens=C, page_tokens=P,
-                     addr=self.addr[part], kind=self.kind if moved is not None else None, moved=moved)
-        if self.has_disk:
-            seg = self.seg_of[chunks * C // P]
+        gather_pages(self.views[part], self.seg_of[part], self.base[part], chunks, dst, out, chunk_tokens=C,
+                     page_tokens=P, addr=self.addr[part], kind=self.kind[part] if moved is not None else None,
+                     moved=moved)
+        if self.has_disk[part]:
+            seg = self.seg_of[part][chunks * C // P]
             self._from_disk(part, chunks, torch.where(seg < 0, dst, -1), out)
 
     def _from_disk(self, part: int, chunks: torch.Tensor, dst: torch.Tensor, out: torch.Tensor) -> None:

@@ -46,8 +46,8 @@ def _plain(lay, start: int) -> bool:
     if k <= 0:
         return False
     lay.chunks._table()
-    if lay.chunks.has_disk:
-        return False                                  # disk pages are read by the host
+    if lay.chunks.has_disk[VALUES]:
+        return False                                  # values on disk are read by the host
     lay._reserve_dense(lay.fixed + cfg.window_tokens)  # room for the whole window: no growth until a seal
     lay.buffer.reserve(k, n_chunks)
     lr._ensure_rows(min(n + lr.block, lr.capacity))   # rows ahead: U grows at an eager step, not each step
