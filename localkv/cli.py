@@ -198,7 +198,7 @@ def cmd_plan(args) -> int:
     from pathlib import Path
 
     from .models.hub import home
-    from .models.loader import default_device, default_dtype, parse_dtype, read_model_args
+    from .models.loader import default_dtype, parse_device, parse_dtype, read_model_args
     from .offload.disk import check_writable
     from .offload.planner import make_plan
     from .units import parse_bytes, parse_tokens
@@ -208,7 +208,7 @@ def cmd_plan(args) -> int:
     if args.disk:
         check_writable(Path(args.disk).expanduser())
     model_args, path, _, _ = read_model_args(args.model)
-    device = default_device() if args.device is None else __import__("torch").device(args.device)
+    device = parse_device(args.device)
     dtype = parse_dtype(args.dtype) if args.dtype else default_dtype(device)
     kv_dtype = parse_dtype(args.kv_dtype) if args.kv_dtype else dtype
     plan = make_plan(model_args, ctx, model=path.name, policy=args.policy, device=device, kv_dtype=kv_dtype,

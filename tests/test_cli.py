@@ -112,3 +112,12 @@ def test_chat_template_that_raises(capsys, tmp_path):
 def test_bad_flags(capsys, argv, words):
     code, _, err = run(capsys, *argv)
     assert_user_error(code, err, *words)
+
+
+@pytest.mark.parametrize("command", ["run", "plan"])
+def test_bad_device(capsys, tiny_dir, command):
+    code, _, err = run(capsys, command, str(tiny_dir), "--device", "banana")
+    assert_user_error(code, err, "unknown device", "banana")
+    if not __import__("torch").cuda.is_available():
+        code, _, err = run(capsys, command, str(tiny_dir), "--device", "cuda")
+        assert_user_error(code, err, "cuda", "no CUDA GPU")

@@ -209,16 +209,14 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda _: N
     tier, an unwritable disk directory, a peer that is not installed. A row that fails later is reported as
     failed and the run goes on; ``checkpoint`` gets the result so far after each row.
     """
-    from ..models.loader import default_device, default_dtype, load_model, parse_dtype, read_model_args
+    from ..models.loader import default_dtype, load_model, parse_device, parse_dtype, read_model_args
     from ..offload.disk import check_writable
 
     if config.steps < 1 or config.warmup < 0:
         raise UserError(f"--steps must be positive and --warmup not negative (got {config.steps}, {config.warmup})")
-    device = torch.device(config.device) if config.device else default_device()
+    device = parse_device(config.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())  # the memory-cap call wants an index
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device here")
     dtype = parse_dtype(config.dtype) if config.dtype else default_dtype(device)
     if config.shape:
         args, source = shape_args(config.shape), f"{config.shape} shape, random weights"

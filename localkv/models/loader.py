@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..errors import ModelFormatError
+from ..errors import ModelFormatError, UserError
 from . import hf
 from .args import ModelArgs
 from .llama import Transformer
@@ -45,6 +45,21 @@ class LoadedModel:
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def parse_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a torch device (None: `default_device`); a one-line UserError for a name torch does not know
+    or a CUDA device this machine does not have."""
+    if device is None:
+        return default_device()
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise UserError(f"unknown device {device!r} ({str(e).splitlines()[0]})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {str(device)!r}: no CUDA GPU is available here "
+                        f"(torch {torch.__version__}, CUDA {torch.version.cuda or 'not built in'})")
+    return device
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -119,7 +134,7 @@ def load_model(model: str | Path | None = None, *, device: str | torch.device | 
     from .hub import DEFAULT_MODEL, resolve
 
     path = resolve(model if model is not None else DEFAULT_MODEL)
-    device = torch.device(device) if device is not None else default_device()
+    device = parse_device(device)
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype)
     dtype = dtype or default_dtype(device)
