@@ -197,7 +197,8 @@ def make_plan(args: ModelArgs, ctx_tokens: int, *, model: str = "model", policy:
         tier.tokens = min(left, budget // per_token)
         tier.bytes = tier.tokens * per_token
         left -= tier.tokens
-    plan.tiered = gpu_values or plan.gpu.tokens < ctx_tokens or gpu_mem is not None or cpu_mem is not None or disk is not None
+    plan.tiered = (gpu_values or plan.gpu.tokens < ctx_tokens
+                   or gpu_mem is not None or cpu_mem is not None or disk is not None)
     offload_s = plan.cpu.bytes / bw.h2d + plan.disk.bytes / bw.disk if device.type == "cuda" else plan.disk.bytes / bw.disk
     plan.ms_per_token = 1e3 * (weights / bw.hbm + plan.gpu.bytes / bw.hbm + offload_s)
     if policy == "shadowkv":

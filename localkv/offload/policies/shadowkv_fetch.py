@@ -68,7 +68,7 @@ class StoreChunks:
             size = max(m, 64, 2 * (self.seg_of[VALUES].numel() if self.seg_of is not None else 0))
             self.seg_of = {part: torch.full((size,), -1, dtype=torch.long, device=dev) for part in parts}
             self.base = {part: torch.zeros(size, dtype=torch.long, device=dev) for part in parts}
-        for part, (segments, seg_of, base) in tables.items():
+        for part, (_, seg_of, base) in tables.items():
             self.seg_of[part][:m].copy_(torch.tensor(seg_of))   # page -> segment, -1: disk
             self.base[part][:m].copy_(torch.tensor(base))       # page -> its first chunk
         segments = {part: t[0] for part, t in tables.items()}
