@@ -60,17 +60,22 @@ class StoreChunks:
         if not self.stale and len(pages) == self.n_pages:
             return
         parts = (KEYS, VALUES) if store.geometry.parts == 2 else (VALUES,)
-        tables = {part: self._part_table(part) for part in parts}
+        apart = (KEYS, VALUES) if store.gpu_values else (VALUES,)   # parts whose pages can sit in other tiers
+        tables = {part: self._part_table(part) for part in apart}
         # The tables are rewritten in place (grown by doubling), so a graphed step captured over them reads the
         # new pages of a later seal; the segments themselves are part of its `signature`.
         dev, m = store.device, len(pages) + 1
         if self.seg_of is None or self.seg_of[VALUES].numel() < m:
             size = max(m, 64, 2 * (self.seg_of[VALUES].numel() if self.seg_of is not None else 0))
-            self.seg_of = {part: torch.full((size,), -1, dtype=torch.long, device=dev) for part in parts}
-            self.base = {part: torch.zeros(size, dtype=torch.long, device=dev) for part in parts}
+            self.seg_of = {part: torch.full((size,), -1, dtype=torch.long, device=dev) for part in apart}
+            self.base = {part: torch.zeros(size, dtype=torch.long, device=dev) for part in apart}
         for part, (_, seg_of, base) in tables.items():
             self.seg_of[part][:m].copy_(torch.tensor(seg_of))   # page -> segment, -1: disk
             self.base[part][:m].copy_(torch.tensor(base))       # page -> its first chunk
+        for part in parts:   # K where V is: the same tables, read through views of the other part
+            tables.setdefault(part, tables[VALUES])
+            self.seg_of.setdefault(part, self.seg_of[VALUES])
+            self.base.setdefault(part, self.base[VALUES])
         segments = {part: t[0] for part, t in tables.items()}
         if _addresses(segments) != _addresses(self.segments):
             self.kind = {part: torch.tensor([k for k, _ in segs], dtype=torch.long, device=dev)
