@@ -14,14 +14,24 @@ of two so the group reduction is a reshape.
 
 The landmark softmax needs each row's normaliser over all C chunks before any chunk's probability, a
 grid-wide dependency. One launch handles it: each head's chunks are split among P co-resident programs.
-A program scores its span, keeping the raw scores in a scratch buffer (fp32, G*Tq rows: 1/16 of the landmarks' bytes
-at D = 128) and its rows' running (max, Σexp). It then waits at a per-head barrier (an atomic counter),
-forms every row's LSE from the P programs' stats, and turns its own span's scores into probabilities.
-The waiting needs every program of the grid resident at once, so the launcher sizes P from the compiled
-kernel's occupancy and launches cooperatively (CUDA refuses a grid that cannot all be resident). On an H100
-this one launch is faster than two passes with a launch between them (16K chunks: 18.8 µs against 22.5;
-128K chunks: 118 µs against 143, one run). At 16K chunks the barrier costs ~3 µs of the 18.8
-(docs/benchmarks.md). Under the CPU interpreter programs run one after another, so there P = 1 per head.
+A program scores its span and keeps the raw scores: in registers when there is one query token and the
+span is short (`KEEP_SCORES`), else in a scratch buffer (fp32, G*Tq rows: 1/16 of the landmarks' bytes at
+D = 128). It publishes each row's (max, Σexp) as one 64-bit word, waits until the head's other programs have
+published theirs, forms every row's LSE from them, and turns its own span's scores into probabilities.
+
+The wait needs no counter: the words are the data. A zeroed word means "not yet", a published one is never 0,
+and each is written by one 64-bit atomic, seen whole or not at all, so one poll both waits and reads, with no
+fence and no atomic round trip on the way (the counter barrier it replaced took ~3 µs of 18.8 at 16K chunks).
+Nothing else crosses programs: each reads back only its own scratch, after a CTA barrier. The words come in
+two parities: a launch publishes into the parity of its head's epoch and zeroes the other for the next
+launch; the head's first program bumps the epoch once all have published (so all have read it). The waiting
+needs every program of the grid resident at once, so the launcher sizes P from the compiled kernel's
+occupancy and launches cooperatively (CUDA refuses a grid that cannot all be resident). Under the CPU
+interpreter programs run one after another, so there P = 1 per head.
+
+On an H100 (Llama-3.1-8B shapes, graphed, L2 cold; docs/benchmarks.md, "Eleventh session"): 16K chunks in
+16.5 µs against 19.2 µs for the counter barrier it replaced, one run; 68-69% of the HBM copy rate in
+scripts/bench_kernels.py. 128K chunks (1M tokens) in 114 µs against 119 µs; 80-81%.
 """
 
 from __future__ import annotations
@@ -30,10 +40,16 @@ import torch
 
 from ._common import KERNEL_CALLS, _dot, check, dot_flags, interpreting, n_sms, next_pow2, tl, triton, use_triton
 
+KEEP_SCORES = 2048
+"""Raw scores (real rows x span, one query token) a program keeps in registers rather than in the scratch: 32 fp32
+a thread at 2 warps. An H100's spans at 16K chunks are 512 chunks, kept with G = 4: 16.1-16.5 µs against
+16.9-17.3 µs through the scratch, both with stats per tile, in one run (docs/benchmarks.md)."""
+
 TILE = {"block_c": 64, "warps": 2, "stages": 3, "per_sm": 2}
 """Landmark tile and programs: chunks per loop step, warps, pipeline stages, most programs per SM. Swept on
-an H100 (scripts/sweep_kernels.py --scores-only; 16K and 128K chunks): 2 warps with 3 stages beat 4-8 warps at every
-tile; 2 programs per SM beat 4 at 16K chunks (19.0 µs against 20.0) and are within 2% at 128K."""
+an H100 (scripts/sweep_kernels.py --scores-only; 16K and 128K chunks). With the counter barrier, 2 warps with 3
+stages beat 4-8 warps at every tile, and 2 programs per SM beat 4 at 16K chunks; with the published words, the
+best tiles are within the ~0.5 µs that runs differ by (docs/results/sweep_scores_s11.log)."""
 
 
 @triton.jit
@@ -68,17 +84,26 @@ def _minmax_scores_kernel(
 
 
 @triton.jit
+def _pack_stats(m, l):
+    """A row's (max, Σexp2) as one int64 word, published by one 64-bit atomic exchange. Never 0: l >= 1 whenever
+    m is finite, and m = -inf or NaN has nonzero bits, so a zeroed word reads as "not yet published"."""
+    return (m.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (l.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF)
+
+
+@triton.jit
 def _landmark_scores_kernel(
     q_ptr, stride_qt, stride_qh,            # q (Tq, Hq, D): elements between tokens / heads; D contiguous
     a_ptr, stride_ah, stride_ac,            # landmarks (Hkv, C, D)
     s_ptr, stride_sh, stride_sm,            # raw scores scratch (Hkv, G*Tq, C) fp32, log2 units: row g*Tq + t
-    stat_ptr,                               # (Hkv, P, 2, BLOCK_M) fp32: each program's row max and Σexp2
-    count_ptr,                              # (Hkv, 2) int32: arrived (0 between launches), generation
+    word_ptr,                               # published stats (2 parities, Hkv, MAXP, ROWS) int64, zeroed
+    epoch_ptr,                              # (Hkv,) int32: launches so far, per head; its parity picks the words
     out_ptr, stride_outh,                   # scores (Hkv, C) fp32
-    Tq, C, D, qk_scale, P, span, max_spins,  # P programs per head, `span` chunks each
+    Tq, C, D, qk_scale, P, MAXP, span, max_spins,  # P programs per head (at most MAXP), `span` chunks each
     G: tl.constexpr, G_PAD: tl.constexpr, TQ_PAD: tl.constexpr, BLOCK_M: tl.constexpr,  # BLOCK_M = G_PAD*TQ_PAD
+    TQ2: tl.constexpr,                      # next_pow2(Tq): the real query rows are G_PAD*TQ2 (ROWS)
     BLOCK_C: tl.constexpr, BLOCK_C2: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
     STAGES: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    KEEP: tl.constexpr, NT: tl.constexpr,   # Tq = 1: the span's raw scores stay in registers, NT tiles of them
 ):
     h = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1)
@@ -90,71 +115,109 @@ def _landmark_scores_kernel(
     mask_d = offs_d < D
     q = tl.load(q_ptr + t[:, None] * stride_qt + (h * G + g)[:, None] * stride_qh + offs_d[None, :],
                 mask=valid_m[:, None] & mask_d[None, :], other=0.0)                    # (BLOCK_M, BLOCK_D)
-    gen0 = tl.load(count_ptr + 2 * h + 1, volatile=True)   # this launch's generation (see the barrier)
+    ROWS: tl.constexpr = G_PAD * TQ2
+    offs_r = tl.arange(0, ROWS)             # real rows r = g * TQ2 + t: the stats words, phase 2
+    g_r = offs_r // TQ2
+    t_r = offs_r % TQ2
+    valid_r = (g_r < G) & (t_r < Tq)
+    epoch = tl.load(epoch_ptr + h, volatile=True)
+    parity = (epoch & 1).to(tl.int64)
+    words = word_ptr + (parity * tl.num_programs(0) + h) * MAXP * ROWS             # this launch's, (MAXP, ROWS)
+    spare = word_ptr + ((1 - parity) * tl.num_programs(0) + h) * MAXP * ROWS      # the next launch's
     c_start = p * span
     c_end = tl.minimum(c_start + span, C)
-    s_rows = s_ptr + h * stride_sh + (g * Tq + t)[:, None] * stride_sm   # valid rows only (masked)
 
-    # Phase 1: raw scores of this span to the scratch, and each row's running max / Σexp2 (online softmax).
-    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    l = tl.zeros((BLOCK_M,), tl.float32)
-    for c0 in tl.range(c_start, c_end, BLOCK_C, num_stages=STAGES):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        mask_c = offs_c < c_end
-        a = tl.load(a_ptr + h * stride_ah + offs_c[:, None] * stride_ac + offs_d[None, :],
-                    mask=mask_c[:, None] & mask_d[None, :], other=0.0)                 # (BLOCK_C, BLOCK_D)
-        s = _dot(q, tl.trans(a), IEEE, UPCAST) * qk_scale                              # (BLOCK_M, BLOCK_C)
-        keep = valid_m[:, None] & mask_c[None, :]
-        s = tl.where(keep, s, float("-inf"))
-        tl.store(s_rows + offs_c[None, :], s, mask=keep)       # padded rows are never written nor read
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
-        m = m_new
-    stats = stat_ptr + (h * P + p) * 2 * BLOCK_M + offs_m
-    tl.store(stats, m)
-    tl.store(stats + BLOCK_M, l)
-
-    # Per-head barrier, by generations: the counter counts arrivals; the last to arrive resets it and bumps the
-    # head's generation, which the others wait to see change from the value read at the start. The arrival's
-    # release orders this program's stats and scores before it, its acquire (for the last) and the waiters'
-    # acquire order the reads below after everyone's. One atomic round trip fewer on the way out than
-    # counting departures too (16K chunks: 19.0 µs against 20.2). Bounded, so a grid that was not
-    # co-resident cannot hang the GPU (the launcher sizes the grid so that it is).
-    if tl.atomic_add(count_ptr + 2 * h, 1, sem="acq_rel") == P - 1:
-        tl.atomic_xchg(count_ptr + 2 * h, 0, sem="relaxed")
-        tl.atomic_add(count_ptr + 2 * h + 1, 1, sem="release")
+    # Phase 1: this span's raw scores s (log2 units) and each real row's (max m, Σexp2(s - m)).
+    if KEEP:
+        # One query token: row t = 0 of each group member. Tile i of the span goes to slot i of S.
+        slots = tl.arange(0, NT)
+        S = tl.full((G_PAD, NT, BLOCK_C), float("-inf"), tl.float32)
+        for c0 in tl.range(c_start, c_end, BLOCK_C, num_stages=STAGES):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            mask_c = offs_c < c_end
+            a = tl.load(a_ptr + h * stride_ah + offs_c[:, None] * stride_ac + offs_d[None, :],
+                        mask=mask_c[:, None] & mask_d[None, :], other=0.0)             # (BLOCK_C, BLOCK_D)
+            s = _dot(q, tl.trans(a), IEEE, UPCAST) * qk_scale                          # (BLOCK_M, BLOCK_C)
+            s = tl.where(valid_m[:, None] & mask_c[None, :], s, float("-inf"))
+            s = tl.max(tl.reshape(s, (G_PAD, TQ_PAD, BLOCK_C)), 1)                     # (G_PAD, BLOCK_C): t = 0
+            S = tl.where((slots == (c0 - c_start) // BLOCK_C)[None, :, None], s[:, None, :], S)
+        # The stats once, after the loop (no reduction across warps per tile); E serves phase 2 as well.
+        m = tl.max(tl.max(S, 2), 1)                                                    # (G_PAD,)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        E = tl.exp2(S - m_safe[:, None, None])
+        l = tl.sum(tl.sum(E, 2), 1)
+        tl.atomic_xchg(words + p * ROWS + offs_r, _pack_stats(m, l), sem="relaxed")
     else:
-        gen = tl.atomic_add(count_ptr + 2 * h + 1, 0, sem="acquire")
-        spins = 0
-        while (gen == gen0) & (spins < max_spins):
-            gen = tl.atomic_add(count_ptr + 2 * h + 1, 0, sem="acquire")
-            spins += 1
+        s_rows = s_ptr + h * stride_sh + (g * Tq + t)[:, None] * stride_sm             # valid rows only (masked)
+        m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l = tl.zeros((BLOCK_M,), tl.float32)
+        for c0 in tl.range(c_start, c_end, BLOCK_C, num_stages=STAGES):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            mask_c = offs_c < c_end
+            a = tl.load(a_ptr + h * stride_ah + offs_c[:, None] * stride_ac + offs_d[None, :],
+                        mask=mask_c[:, None] & mask_d[None, :], other=0.0)             # (BLOCK_C, BLOCK_D)
+            s = _dot(q, tl.trans(a), IEEE, UPCAST) * qk_scale                          # (BLOCK_M, BLOCK_C)
+            keep = valid_m[:, None] & mask_c[None, :]
+            s = tl.where(keep, s, float("-inf"))
+            tl.store(s_rows + offs_c[None, :], s, mask=keep)   # padded rows are never written nor read
+            m_new = tl.maximum(m, tl.max(s, 1))                # online softmax statistics
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
+            m = m_new
+        tl.atomic_xchg(words + p * ROWS + g * TQ2 + t, _pack_stats(m, l), mask=t < TQ2, sem="relaxed")
+        # The first phase-2 tile of this program's own scores, loaded while the others finish. The CTA barrier
+        # orders the stores above (made by other threads of this program) before these loads.
+        s_rows2 = s_ptr + h * stride_sh + (g_r * Tq + t_r)[:, None] * stride_sm
+        tl.debug_barrier()
+        offs_f = c_start + tl.arange(0, BLOCK_C2)
+        mask_f = offs_f < c_end
+        s_first = tl.load(s_rows2 + offs_f[None, :], mask=valid_r[:, None] & mask_f[None, :], other=float("-inf"))
 
-    # Row LSE over every program's (max, Σexp2), BLOCK_P programs at a time. Volatile loads: the stats were
-    # written by other SMs.
-    mx = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    tot = tl.zeros((BLOCK_M,), tl.float32)
+    # Zero the next launch's words that this program owns (no one reads them in this launch).
+    for j in range(p, MAXP, P):
+        tl.store(spare + j * ROWS + offs_r, tl.zeros((ROWS,), tl.int64))
+
+    # Wait until the head's P programs have all published, BLOCK_P programs at a time: every word nonzero.
+    # The words are the data, each one 64-bit store, so there is no counter and no fence: the poll that sees
+    # them all also reads the stats. Each word is written once per launch, so a block seen complete stays so.
+    # Bounded, so a grid that was not co-resident cannot hang the GPU (the launcher sizes the grid so it is).
+    mx = tl.full((ROWS,), float("-inf"), tl.float32)
+    tot = tl.zeros((ROWS,), tl.float32)
     for p0 in range(0, P, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
-        sp = stat_ptr + (h * P + offs_p[:, None]) * 2 * BLOCK_M + offs_m[None, :]
-        mask_p = (offs_p < P)[:, None]
-        pm = tl.load(sp, mask=mask_p, other=float("-inf"), volatile=True)              # (BLOCK_P, BLOCK_M)
-        pl = tl.load(sp + BLOCK_M, mask=mask_p, other=0.0, volatile=True)
+        mask_w = (offs_p < P)[:, None] & valid_r[None, :]
+        w_ptrs = words + offs_p[:, None] * ROWS + offs_r[None, :]
+        w = tl.load(w_ptrs, mask=mask_w, other=1, volatile=True)                       # (BLOCK_P, ROWS)
+        spins = 0
+        while (tl.min(tl.where(w != 0, 1, 0)) == 0) & (spins < max_spins):
+            w = tl.load(w_ptrs, mask=mask_w, other=1, volatile=True)
+            spins += 1
+        pm = tl.where(mask_w, (w >> 32).to(tl.int32).to(tl.float32, bitcast=True), float("-inf"))
+        pl = tl.where(mask_w, (w & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True), 0.0)
         mx_new = tl.maximum(mx, tl.max(pm, 0))
         mx_safe = tl.where(mx_new == float("-inf"), 0.0, mx_new)
         tot = tot * tl.exp2(mx - mx_safe) + tl.sum(pl * tl.exp2(pm - mx_safe[None, :]), 0)
         mx = mx_new
-    lse = tl.where(mx == float("-inf"), 0.0, mx) + tl.log2(tl.where(tot > 0, tot, 1.0))
+    if p == 0:   # every program of the head has read the epoch by now (each published after reading it)
+        tl.store(epoch_ptr + h, epoch + 1)
+    lse = tl.where(mx == float("-inf"), 0.0, mx) + tl.log2(tl.where(tot > 0, tot, 1.0))   # (ROWS,); 0 if not real
 
-    # Phase 2: this span's probabilities, summed over t, max over g (its own scores, back from L2).
-    for c0 in range(c_start, c_end, BLOCK_C2):
-        offs_c = c0 + tl.arange(0, BLOCK_C2)
-        mask_c = offs_c < c_end
-        s = tl.load(s_rows + offs_c[None, :], mask=valid_m[:, None] & mask_c[None, :], other=float("-inf"))
-        prob = tl.exp2(s - lse[:, None])                                               # 0 on padded rows
-        per_g = tl.sum(tl.reshape(prob, (G_PAD, TQ_PAD, BLOCK_C2)), 1)                 # (G_PAD, BLOCK_C2)
-        tl.store(out_ptr + h * stride_outh + offs_c, tl.max(per_g, 0), mask=mask_c)
+    # Phase 2: this span's probabilities 2^(s - lse), summed over t, max over g.
+    if KEEP:
+        prob = E * tl.exp2(m_safe - lse)[:, None, None]                                 # (G_PAD, NT, BLOCK_C)
+        offs_k = c_start + slots[:, None] * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
+        tl.store(out_ptr + h * stride_outh + offs_k, tl.max(prob, 0), mask=offs_k < c_end)
+    else:
+        prob = tl.exp2(s_first - lse[:, None])                                          # (ROWS, BLOCK_C2)
+        per_g = tl.sum(tl.reshape(prob, (G_PAD, TQ2, BLOCK_C2)), 1)
+        tl.store(out_ptr + h * stride_outh + offs_f, tl.max(per_g, 0), mask=mask_f)
+        for c0 in range(c_start + BLOCK_C2, c_end, BLOCK_C2):
+            offs_c = c0 + tl.arange(0, BLOCK_C2)
+            mask_c = offs_c < c_end
+            s = tl.load(s_rows2 + offs_c[None, :], mask=valid_r[:, None] & mask_c[None, :], other=float("-inf"))
+            prob = tl.exp2(s - lse[:, None])
+            per_g = tl.sum(tl.reshape(prob, (G_PAD, TQ2, BLOCK_C2)), 1)
+            tl.store(out_ptr + h * stride_outh + offs_c, tl.max(per_g, 0), mask=mask_c)
 
 
 def chunk_scores_ref(q, landmarks=None, *, kmin=None, kmax=None, sm_scale: float | None = None):
@@ -185,7 +248,8 @@ def chunk_scores(q, landmarks=None, *, kmin=None, kmax=None, sm_scale: float | N
     Returns:
         (Hkv, C) fp32 scores.
 
-    Landmark calls on one device share a barrier counter, so they must not run concurrently on two streams.
+    Landmark calls of one size on one device share their published-stats words, so they must not run
+    concurrently on two streams.
     """
     check(q.dim() == 3, f"q must be (Tq, Hq, D), got {tuple(q.shape)}")
     minmax = landmarks is None
@@ -231,20 +295,39 @@ def chunk_scores(q, landmarks=None, *, kmin=None, kmax=None, sm_scale: float | N
 
 
 def _landmark_scores(q, landmarks, out, Hkv, C, D, scale, shape):
-    tile, most = _landmark_tile(q.device, q.dtype, Hkv, shape)
-    per_head = max(1, min(most, -(-C // tile["BLOCK_C"])))
-    span = -(-C // (per_head * tile["BLOCK_C"])) * tile["BLOCK_C"]
+    Tq = q.shape[0]
+    tile, most = _landmark_tile(q.device, q.dtype, Hkv, dict(shape, TQ2=next_pow2(Tq)))
+    bc, rows = tile["BLOCK_C"], shape["G_PAD"] * tile["TQ2"]
+    per_head = max(1, min(most, -(-C // bc)))
+    span = -(-C // (per_head * bc)) * bc
     per_head = -(-C // span)
-    scratch = torch.empty((Hkv, shape["G"] * q.shape[0], C), dtype=torch.float32, device=q.device)
-    stats = torch.empty((Hkv, per_head, 2, shape["BLOCK_M"]), dtype=torch.float32, device=q.device)
-    _landmark_scores_kernel[(Hkv, per_head)](*_landmark_args(q, landmarks, out, scratch, stats, C, D, scale,
-                                                             per_head, span), **tile)
+    n_tiles = next_pow2(-(-span // bc))
+    keep = Tq == 1 and rows * n_tiles * bc <= KEEP_SCORES
+    if keep:
+        scratch = out.new_empty((1, 1, 1))      # not read: the raw scores stay in registers
+    else:
+        scratch = torch.empty((Hkv, shape["G"] * Tq, C), dtype=torch.float32, device=q.device)
+    words, epoch = _stats_words(q.device, Hkv, most, rows)
+    _landmark_scores_kernel[(Hkv, per_head)](
+        *_landmark_args(q, landmarks, scratch, words, epoch, out, C, D, scale, per_head, most, span),
+        BLOCK_C2=min(next_pow2(span), _phase2_block(rows)), BLOCK_P=min(next_pow2(per_head), _poll_block(rows)),
+        KEEP=keep, NT=n_tiles if keep else 1, **tile)
 
 
-def _landmark_args(q, landmarks, out, scratch, stats, C, D, scale, per_head, span):
+def _landmark_args(q, landmarks, scratch, words, epoch, out, C, D, scale, per_head, most, span):
     return (q, q.stride(0), q.stride(1), landmarks, landmarks.stride(0), landmarks.stride(1),
-            scratch, scratch.stride(0), scratch.stride(1), stats, _counters(q.device, landmarks.shape[0]),
-            out, out.stride(0), q.shape[0], C, D, scale * 1.4426950408889634, per_head, span, 1 << 22)
+            scratch, scratch.stride(0), scratch.stride(1), words, epoch, out, out.stride(0),
+            q.shape[0], C, D, scale * 1.4426950408889634, per_head, most, span, 1 << 22)
+
+
+def _phase2_block(rows: int) -> int:
+    """Chunks per phase-2 step from the scratch: 4,096 scores of the real rows (64 registers a thread at 2 warps)."""
+    return max(32, 4096 // rows)
+
+
+def _poll_block(rows: int) -> int:
+    """Programs' words per poll: at most 1,024 of them (BLOCK_P x ROWS), so a poll stays within registers."""
+    return max(2, min(64, 1024 // rows))
 
 
 _TILES: dict[tuple, tuple[dict, int]] = {}
@@ -256,41 +339,50 @@ def _landmark_tile(device: torch.device, dtype: torch.dtype, Hkv: int, shape: di
     Every program of the grid must be resident at once, since they wait for each other. On a GPU the launch
     is cooperative (CUDA refuses a grid that cannot all be resident, rather than letting it hang), and the
     programs per head are what the compiled kernel's registers and shared memory allow, at most TILE's
-    per SM. The interpreter runs programs one after another: one per head there."""
+    per SM, for both phase-1 variants (scratch, and scores kept in registers) at their largest. The
+    interpreter runs programs one after another: one per head there."""
     key = (device, dtype, Hkv, tuple(sorted(shape.items())), tuple(sorted(TILE.items())), interpreting())
     if key in _TILES:
         return _TILES[key]
-    BLOCK_M = shape["BLOCK_M"]
-    tile = dict(BLOCK_C2=max(32, 4096 // BLOCK_M), BLOCK_P=32, **shape)
+    BLOCK_M, rows = shape["BLOCK_M"], shape["G_PAD"] * shape["TQ2"]
+    tile = dict(shape)
     if interpreting():
         tile.update(BLOCK_C=32, STAGES=1, num_warps=4)
         most = 1
     else:
         tile.update(BLOCK_C=TILE["block_c"] if BLOCK_M <= 32 else 32, STAGES=TILE["stages"],
                     num_warps=TILE["warps"] if BLOCK_M <= 32 else 8, launch_cooperative_grid=True)
-        sms = n_sms(device)
+        variants = [dict(KEEP=False, NT=1)]
+        if shape["TQ2"] == 1 and rows * tile["BLOCK_C"] <= KEEP_SCORES:
+            variants.append(dict(KEEP=True, NT=KEEP_SCORES // (rows * tile["BLOCK_C"])))
         q = torch.empty((1, Hkv * shape["G"], shape["BLOCK_D"]), dtype=dtype, device=device)
         lm = torch.empty((Hkv, 1, shape["BLOCK_D"]), dtype=dtype, device=device)
         f32 = torch.empty((Hkv, 1, 1), dtype=torch.float32, device=device)
-        kernel = _landmark_scores_kernel.warmup(*_landmark_args(q, lm, f32[:, 0], f32, f32, 1, shape["BLOCK_D"], 1.0,
-                                                                1, 1), grid=(1,), **tile)
-        most = min(TILE["per_sm"] * sms, _resident(device, kernel, tile["num_warps"]) * sms) // Hkv
+        words = torch.zeros(1, dtype=torch.int64, device=device)
+        epoch = torch.zeros(1, dtype=torch.int32, device=device)
+        args = _landmark_args(q, lm, f32, words, epoch, f32[:, 0], 1, shape["BLOCK_D"], 1.0, 1, 1, 1)
+        fits = min(_resident(device, _landmark_scores_kernel.warmup(
+            *args, grid=(1,), BLOCK_C2=_phase2_block(rows), BLOCK_P=_poll_block(rows), **v, **tile), tile["num_warps"])
+            for v in variants)
+        most = min(TILE["per_sm"], fits) * n_sms(device) // Hkv
         check(most >= 1, f"landmark scoring: {Hkv} programs cannot all be resident on {device}")
     _TILES[key] = tile, most
     return tile, most
 
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_WORDS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _counters(device: torch.device, heads: int) -> torch.Tensor:
-    """The device's barrier counters, (heads, 2) int32: arrivals (zero between launches: each launch leaves them
-    so) and the generation (each launch adds one).
-    One buffer per device, grown when more heads come: a static address, as CUDA graph replays need."""
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < 2 * heads:
-        buf = _COUNTERS[device] = torch.zeros(2 * max(heads, 64), dtype=torch.int32, device=device)
-    return buf
+def _stats_words(device: torch.device, heads: int, most: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The published-stats words (2 parities x heads x most programs x rows, int64, zeroed) and the per-head
+    launch epochs (int32) for launches of this size. Each launch publishes into its epoch's parity and zeroes
+    the other for the next one, so they stay consistent across launches and graph replays. Allocated once per
+    size: a static address, as CUDA graph replays need."""
+    key = (device, heads, most, rows)
+    if key not in _WORDS:
+        _WORDS[key] = (torch.zeros(2 * heads * most * rows, dtype=torch.int64, device=device),
+                       torch.zeros(heads, dtype=torch.int32, device=device))
+    return _WORDS[key]
 
 
 def _resident(device: torch.device, kernel, warps: int) -> int:

@@ -82,28 +82,51 @@ def test_rejects_mixed_abstracts():
         chunk_scores(q, kmin=lm)
 
 
-@pytest.mark.skipif(DEVICE.type != "cuda", reason="the per-head barrier spans many programs only on a GPU")
-def test_landmark_barrier_across_launches_and_graph_replays():
-    """Thousands of chunks split over many programs per head meet at the per-head barrier: every eager launch
-    and every CUDA-graph replay (the counters carry over between them) must give the reference."""
-    Hkv, G, D, C = 8, 4, 128, 20_000
-    q = torch.randn(1, Hkv * G, D, dtype=torch.bfloat16, device="cuda")
-    lm = torch.randn(Hkv, C, D, dtype=torch.bfloat16, device="cuda")
-    ref = chunk_scores_ref(q, lm)
-    out = poisoned((Hkv, C), torch.float32)
+@pytest.mark.parametrize("keep", [True, False], ids=["scores_in_registers", "scores_in_scratch"])
+def test_landmark_launches_in_a_row(keep, monkeypatch, kernel_ran):
+    """Launches of several sizes one after another, one query token or several, its raw scores kept in registers
+    or in the scratch: each gives the reference, whatever the launches before it left in the published-stats
+    words (each publishes into its epoch's parity and zeroes the other for the next)."""
+    cs = __import__("localkv.kernels.chunk_scores", fromlist=["KEEP_SCORES"])
+    if not keep:
+        monkeypatch.setattr(cs, "KEEP_SCORES", 0)
+    for Tq, C in [(1, 37), (1, 100), (2, 64), (1, 37), (3, 5), (1, 130), (1, 1)]:
+        q = torch.randn(Tq, 8, 64, device=DEVICE)
+        lm = torch.randn(2, C, 64, device=DEVICE)
+        out = chunk_scores(q, lm, out=poisoned((2, C), torch.float32))
+        ref = chunk_scores_ref(q, lm)
+        assert_close(out / ref.abs().max(), ref / ref.abs().max(), torch.float32, f"Tq={Tq} C={C}")
+    kernel_ran("chunk_scores")
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="the wait spans many programs only on a GPU")
+def test_landmark_wait_across_launches_and_graph_replays():
+    """Thousands of chunks split over many programs per head, which wait for each other's stats: every eager
+    launch and every CUDA-graph replay (the words and epochs carry over between them) must give the reference,
+    with the scores in registers (one token, 16K chunks) or in the scratch (20K chunks, or four tokens), and
+    sizes interleaved so that the programs per head change from launch to launch."""
+    Hkv, G, D = 8, 4, 128
+    cases = [(1, 16_000), (1, 20_000), (4, 20_000), (1, 3_000), (1, 16_001)]
+    inputs = [(torch.randn(Tq, Hkv * G, D, dtype=torch.bfloat16, device="cuda"),
+               torch.randn(Hkv, C, D, dtype=torch.bfloat16, device="cuda")) for Tq, C in cases]
+    outs = [poisoned((Hkv, lm.shape[1]), torch.float32) for _, lm in inputs]
 
     def close(out, ref, what):   # probabilities of ~1/C: compared relative to the largest
         top = ref.abs().max()
         assert_close(out / top, ref / top, torch.float32, what)
 
-    for _ in range(3):
-        out.fill_(float("nan"))
-        close(chunk_scores(q, lm, out=out), ref, "eager")
+    for rep in range(3):
+        for (q, lm), out in zip(inputs, outs):
+            out.fill_(float("nan"))
+            close(chunk_scores(q, lm, out=out), chunk_scores_ref(q, lm), f"eager {rep}, C={lm.shape[1]}")
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        chunk_scores(q, lm, out=out)
-    for _ in range(5):
-        q.copy_(torch.randn_like(q))
-        out.fill_(float("nan"))
+        for (q, lm), out in zip(inputs, outs):
+            chunk_scores(q, lm, out=out)
+    for rep in range(5):
+        for (q, _), out in zip(inputs, outs):
+            q.copy_(torch.randn_like(q))
+            out.fill_(float("nan"))
         graph.replay()
-        close(out, chunk_scores_ref(q, lm), "replay")
+        for (q, lm), out in zip(inputs, outs):
+            close(out, chunk_scores_ref(q, lm), f"replay {rep}, C={lm.shape[1]}")
