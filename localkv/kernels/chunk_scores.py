@@ -31,7 +31,7 @@ interpreter programs run one after another, so there P = 1 per head.
 
 On an H100 (Llama-3.1-8B shapes, graphed, L2 cold; docs/benchmarks.md, "Eleventh session"): 16K chunks in
 16.5 µs against 19.2 µs for the counter barrier it replaced, one run; 68-69% of the HBM copy rate in
-scripts/bench_kernels.py. 128K chunks (1M tokens) in 114 µs against 119 µs; 80-81%.
+scripts/bench_kernels.py. 128K chunks (1M tokens) in 113-114 µs against 119 µs; 80-81%.
 """
 
 from __future__ import annotations
@@ -91,6 +91,20 @@ def _pack_stats(m, l):
 
 
 @triton.jit
+def _tile_scores(q, a_ptr, stride_ac, offs_d, mask_d, valid_m, c0, c_end, qk_scale,
+                 BLOCK_C: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """Raw scores (log2 units) of q against landmarks c0 .. c0+BLOCK_C of a head (a_ptr: its first), -inf past
+    c_end and on padded rows; and the tile's chunk ids and where it is real."""
+    offs_c = c0 + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < c_end
+    a = tl.load(a_ptr + offs_c[:, None] * stride_ac + offs_d[None, :],
+                mask=mask_c[:, None] & mask_d[None, :], other=0.0)                     # (BLOCK_C, BLOCK_D)
+    s = _dot(q, tl.trans(a), IEEE, UPCAST) * qk_scale                                  # (BLOCK_M, BLOCK_C)
+    keep = valid_m[:, None] & mask_c[None, :]
+    return tl.where(keep, s, float("-inf")), offs_c, keep
+
+
+@triton.jit
 def _landmark_scores_kernel(
     q_ptr, stride_qt, stride_qh,            # q (Tq, Hq, D): elements between tokens / heads; D contiguous
     a_ptr, stride_ah, stride_ac,            # landmarks (Hkv, C, D)
@@ -133,12 +147,8 @@ def _landmark_scores_kernel(
         slots = tl.arange(0, NT)
         S = tl.full((G_PAD, NT, BLOCK_C), float("-inf"), tl.float32)
         for c0 in tl.range(c_start, c_end, BLOCK_C, num_stages=STAGES):
-            offs_c = c0 + tl.arange(0, BLOCK_C)
-            mask_c = offs_c < c_end
-            a = tl.load(a_ptr + h * stride_ah + offs_c[:, None] * stride_ac + offs_d[None, :],
-                        mask=mask_c[:, None] & mask_d[None, :], other=0.0)             # (BLOCK_C, BLOCK_D)
-            s = _dot(q, tl.trans(a), IEEE, UPCAST) * qk_scale                          # (BLOCK_M, BLOCK_C)
-            s = tl.where(valid_m[:, None] & mask_c[None, :], s, float("-inf"))
+            s, _, _ = _tile_scores(q, a_ptr + h * stride_ah, stride_ac, offs_d, mask_d, valid_m, c0, c_end,
+                                   qk_scale, BLOCK_C, IEEE, UPCAST)                    # (BLOCK_M, BLOCK_C)
             s = tl.max(tl.reshape(s, (G_PAD, TQ_PAD, BLOCK_C)), 1)                     # (G_PAD, BLOCK_C): t = 0
             S = tl.where((slots == (c0 - c_start) // BLOCK_C)[None, :, None], s[:, None, :], S)
         # The stats once, after the loop (no reduction across warps per tile); E serves phase 2 as well.
@@ -152,13 +162,8 @@ def _landmark_scores_kernel(
         m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l = tl.zeros((BLOCK_M,), tl.float32)
         for c0 in tl.range(c_start, c_end, BLOCK_C, num_stages=STAGES):
-            offs_c = c0 + tl.arange(0, BLOCK_C)
-            mask_c = offs_c < c_end
-            a = tl.load(a_ptr + h * stride_ah + offs_c[:, None] * stride_ac + offs_d[None, :],
-                        mask=mask_c[:, None] & mask_d[None, :], other=0.0)             # (BLOCK_C, BLOCK_D)
-            s = _dot(q, tl.trans(a), IEEE, UPCAST) * qk_scale                          # (BLOCK_M, BLOCK_C)
-            keep = valid_m[:, None] & mask_c[None, :]
-            s = tl.where(keep, s, float("-inf"))
+            s, offs_c, keep = _tile_scores(q, a_ptr + h * stride_ah, stride_ac, offs_d, mask_d, valid_m, c0, c_end,
+                                           qk_scale, BLOCK_C, IEEE, UPCAST)            # (BLOCK_M, BLOCK_C)
             tl.store(s_rows + offs_c[None, :], s, mask=keep)   # padded rows are never written nor read
             m_new = tl.maximum(m, tl.max(s, 1))                # online softmax statistics
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -178,7 +183,7 @@ def _landmark_scores_kernel(
         tl.store(spare + j * ROWS + offs_r, tl.zeros((ROWS,), tl.int64))
 
     # Wait until the head's P programs have all published, BLOCK_P programs at a time: every word nonzero.
-    # The words are the data, each one 64-bit store, so there is no counter and no fence: the poll that sees
+    # The words are the data, each one 64-bit atomic, so there is no counter and no fence: the poll that sees
     # them all also reads the stats. Each word is written once per launch, so a block seen complete stays so.
     # Bounded, so a grid that was not co-resident cannot hang the GPU (the launcher sizes the grid so it is).
     mx = tl.full((ROWS,), float("-inf"), tl.float32)
