@@ -1,5 +1,7 @@
 """chunk_scores: landmark (softmax mass) and min/max (upper bound) chunk scores with the GQA group max."""
 
+import importlib
+
 import pytest
 import torch
 from kernel_testing import DEVICE, DTYPES, assert_close, poisoned
@@ -87,7 +89,7 @@ def test_landmark_launches_in_a_row(keep, monkeypatch, kernel_ran):
     """Launches of several sizes one after another, one query token or several, its raw scores kept in registers
     or in the scratch: each gives the reference, whatever the launches before it left in the published-stats
     words (each publishes into its epoch's parity and zeroes the other for the next)."""
-    cs = __import__("localkv.kernels.chunk_scores", fromlist=["KEEP_SCORES"])
+    cs = importlib.import_module("localkv.kernels.chunk_scores")   # the package re-exports a function of that name
     if not keep:
         monkeypatch.setattr(cs, "KEEP_SCORES", 0)
     for Tq, C in [(1, 37), (1, 100), (2, 64), (1, 37), (3, 5), (1, 130), (1, 1)]:
