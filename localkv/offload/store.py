@@ -147,7 +147,8 @@ class KVStore:
             self._place_below(layer, index, entry, data)   # may raise (disk full), before anything is committed
             slot = self._alloc(self.gpu, self.gpu_fifo, layer, self._drop_gpu_values)
             if slot is not None:
-                self.gpu.page(layer, slot)[0].copy_(data[self.geometry.part_index(VALUES)])
+                copy = self.gpu.page(layer, slot)[self.gpu.geometry.part_index(VALUES)]
+                copy.copy_(data[self.geometry.part_index(VALUES)])
                 entry.gpu = slot
                 self.gpu_fifo[layer].append(index)
             self.pages[layer].append(entry)

@@ -25,14 +25,14 @@ import torch
 
 from ...kernels import gather_pages, segment_addresses
 from ...kernels.gather_pages import DISK_KIND
-from ..pages import KEYS, VALUES
-from ..store import DISK, GPU, KVStore
+from ..pages import KEYS, VALUES, PageGeometry
+from ..store import CPU, DISK, GPU, KVStore
 
 DEVICE_TIER, CPU_TIER, DISK_TIER = 0, 1, DISK_KIND  # rows of the ``moved`` counters: chunks read from each
 
 
-def _addresses(segments: dict[int, list[tuple[int, torch.Tensor]]]) -> list:
-    return [(part, [(k, a.data_ptr()) for k, a in segs]) for part, segs in sorted(segments.items())]
+def _addresses(segments: dict[int, list[tuple[int, torch.Tensor, PageGeometry]]]) -> list:
+    return [(part, [(k, a.data_ptr()) for k, a, _ in segs]) for part, segs in sorted(segments.items())]
 
 
 def _arena_view(arena: torch.Tensor, index: int) -> torch.Tensor:
@@ -49,7 +49,7 @@ class StoreChunks:
         self.store, self.layer, self.C = store, layer, chunk_tokens
         self.stale = True
         self.n_pages = -1
-        self.segments: dict[int, list[tuple[int, torch.Tensor]]] = {}   # per part (KEYS, VALUES)
+        self.segments: dict[int, list[tuple[int, torch.Tensor, PageGeometry]]] = {}   # per part: kind, arena, its pages
         self.seg_of: dict[int, torch.Tensor] | None = None
         self.base: dict[int, torch.Tensor] | None = None
 
@@ -78,10 +78,9 @@ class StoreChunks:
             self.base.setdefault(part, self.base[VALUES])
         segments = {part: t[0] for part, t in tables.items()}
         if _addresses(segments) != _addresses(self.segments):
-            self.kind = {part: torch.tensor([k for k, _ in segs], dtype=torch.long, device=dev)
+            self.kind = {part: torch.tensor([k for k, _, _ in segs], dtype=torch.long, device=dev)
                          for part, segs in segments.items()}
-            # V is the last part of an arena's pages: (n, parts, Hkv, P, D)
-            self.views = {part: [_arena_view(a, part - 2 + a.shape[1]) for _, a in segs]
+            self.views = {part: [_arena_view(a, g.part_index(part)) for _, a, g in segs]
                           for part, segs in segments.items()}
             self.addr = {part: segment_addresses(views, dev) for part, views in self.views.items()}
         self.segments = segments
@@ -89,11 +88,13 @@ class StoreChunks:
         self.n_pages = len(pages)
         self.stale = False
 
-    def _part_table(self, part: int) -> tuple[list[tuple[int, torch.Tensor]], list[int], list[int]]:
-        """(segments, segment of each page, first chunk of each page there) for reading ``part``; the open
-        page is the last page and the last segment."""
+    def _part_table(self, part: int) -> tuple[list[tuple[int, torch.Tensor, PageGeometry]], list[int], list[int]]:
+        """(segments: kind, arena and the geometry of its pages; the segment of each page; the first chunk of each
+        page there) for reading ``part``. The open page is the last page and the last segment."""
         store, layer, C = self.store, self.layer, self.C
-        segments: list[tuple[int, torch.Tensor]] = []
+        per_slot = {tier: g.parts * g.n_kv_heads * g.page_tokens // C    # chunk numbers between arena slots
+                    for tier, g in ((GPU, store.gpu.geometry), (CPU, store.cpu.geometry))}
+        segments: list[tuple[int, torch.Tensor, PageGeometry]] = []
         ids: dict[tuple[str, int], int] = {}
         seg_of, base = [], []
         for entry in store.pages[layer]:
@@ -103,16 +104,15 @@ class StoreChunks:
                 base.append(0)
                 continue
             pool = store.gpu if tier == GPU else store.cpu
-            g = pool.geometry
             arena, s = divmod(slot, pool.arena_pages)
             if (tier, arena) not in ids:
                 ids[tier, arena] = len(segments)
-                segments.append((DEVICE_TIER if tier == GPU else CPU_TIER, pool.arenas[layer][arena]))
+                segments.append((DEVICE_TIER if tier == GPU else CPU_TIER, pool.arenas[layer][arena], pool.geometry))
             seg_of.append(ids[tier, arena])
-            base.append(s * (g.parts * g.n_kv_heads * g.page_tokens // C))   # chunk numbers between arena slots
+            base.append(s * per_slot[tier])
         seg_of.append(len(segments))
         base.append(0)
-        segments.append((DEVICE_TIER, store.open[layer][None]))
+        segments.append((DEVICE_TIER, store.open[layer][None], store.geometry))
         return segments, seg_of, base
 
     def signature(self) -> tuple:
