@@ -29,9 +29,12 @@ needs every program of the grid resident at once, so the launcher sizes P from t
 occupancy and launches cooperatively (CUDA refuses a grid that cannot all be resident). Under the CPU
 interpreter programs run one after another, so there P = 1 per head.
 
-On an H100 (Llama-3.1-8B shapes, graphed, L2 cold; docs/benchmarks.md, "Eleventh session"): 16K chunks in
-16.5 µs against 19.2 µs for the counter barrier it replaced, one run; 68-69% of the HBM copy rate in
-scripts/bench_kernels.py. 128K chunks (1M tokens) in 113-114 µs against 119 µs; 80-81%.
+The query-token count and head dim are compile-time constants, so their masks fold away: 0.1-0.2 µs of a
+16K-chunk call, mostly the per-row predicates of the landmark loads.
+
+On an H100 (Llama-3.1-8B shapes, graphed, L2 cold; docs/benchmarks.md, "Eleventh session" and "Twelfth
+session"): 16K chunks in 16.2-16.5 µs against 19.2 µs for the counter barrier it replaced; 69-70% of the HBM
+copy rate in scripts/bench_kernels.py over four runs. 128K chunks (1M tokens) in 111 µs; 81-82%.
 """
 
 from __future__ import annotations
@@ -57,7 +60,8 @@ def _minmax_scores_kernel(
     q_ptr, stride_qt, stride_qh,            # q (Tq, Hq, D): elements between tokens / heads; D contiguous
     kmin_ptr, kmax_ptr, stride_ah, stride_ac,  # kmin, kmax (Hkv, C, D), same strides
     out_ptr, stride_outh,                   # scores (Hkv, C) fp32
-    Tq, C, D,
+    Tq, C,
+    D: tl.constexpr,                        # head dim: known, its masks fold away when D = BLOCK_D
     G: tl.constexpr, G_PAD: tl.constexpr, TQ_PAD: tl.constexpr, BLOCK_M: tl.constexpr,  # BLOCK_M = G_PAD*TQ_PAD
     BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -112,7 +116,8 @@ def _landmark_scores_kernel(
     word_ptr,                               # published stats (2 parities, Hkv, MAXP, ROWS) int64, zeroed
     epoch_ptr,                              # (Hkv,) int32: launches so far, per head; its parity picks the words
     out_ptr, stride_outh,                   # scores (Hkv, C) fp32
-    Tq, C, D, qk_scale, P, MAXP, span, max_spins,  # P programs per head (at most MAXP), `span` chunks each
+    C, qk_scale, P, MAXP, span, max_spins,  # P programs per head (at most MAXP), `span` chunks each
+    Tq: tl.constexpr, D: tl.constexpr,      # query tokens and head dim: known, so their masks fold away
     G: tl.constexpr, G_PAD: tl.constexpr, TQ_PAD: tl.constexpr, BLOCK_M: tl.constexpr,  # BLOCK_M = G_PAD*TQ_PAD
     TQ2: tl.constexpr,                      # next_pow2(Tq): the real query rows are G_PAD*TQ2 (ROWS)
     BLOCK_C: tl.constexpr, BLOCK_C2: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -287,19 +292,20 @@ def chunk_scores(q, landmarks=None, *, kmin=None, kmax=None, sm_scale: float | N
         TQ_PAD *= 2
     BLOCK_M = G_PAD * TQ_PAD
     check(BLOCK_M <= 256, f"G*Tq padded = {BLOCK_M} query rows per group: at most 256")
-    shape = dict(G=G, G_PAD=G_PAD, TQ_PAD=TQ_PAD, BLOCK_M=BLOCK_M, BLOCK_D=max(16, next_pow2(D)), **dot_flags(q.dtype))
+    shape = dict(D=D, G=G, G_PAD=G_PAD, TQ_PAD=TQ_PAD, BLOCK_M=BLOCK_M, BLOCK_D=max(16, next_pow2(D)),
+                 **dot_flags(q.dtype))
     KERNEL_CALLS["chunk_scores"] += 1
     if minmax:
         BLOCK_C = 32 if interpreting() else 64
         _minmax_scores_kernel[(Hkv, -(-C // BLOCK_C))](
             q, q.stride(0), q.stride(1), kmin, kmax, kmin.stride(0), kmin.stride(1), out, out.stride(0),
-            Tq, C, D, BLOCK_C=BLOCK_C, **shape, num_warps=8)
+            Tq, C, BLOCK_C=BLOCK_C, **shape, num_warps=8)
         return out
-    _landmark_scores(q, landmarks, out, Hkv, C, D, scale, shape)
+    _landmark_scores(q, landmarks, out, Hkv, C, scale, shape)
     return out
 
 
-def _landmark_scores(q, landmarks, out, Hkv, C, D, scale, shape):
+def _landmark_scores(q, landmarks, out, Hkv, C, scale, shape):
     Tq = q.shape[0]
     tile, most = _landmark_tile(q.device, q.dtype, Hkv, dict(shape, TQ2=next_pow2(Tq)))
     bc, rows = tile["BLOCK_C"], shape["G_PAD"] * tile["TQ2"]
@@ -314,15 +320,15 @@ def _landmark_scores(q, landmarks, out, Hkv, C, D, scale, shape):
         scratch = torch.empty((Hkv, shape["G"] * Tq, C), dtype=torch.float32, device=q.device)
     words, epoch = _stats_words(q.device, Hkv, most, rows)
     _landmark_scores_kernel[(Hkv, per_head)](
-        *_landmark_args(q, landmarks, scratch, words, epoch, out, C, D, scale, per_head, most, span),
+        *_landmark_args(q, landmarks, scratch, words, epoch, out, C, scale, per_head, most, span),
         BLOCK_C2=min(next_pow2(span), _phase2_block(rows)), BLOCK_P=min(next_pow2(per_head), _poll_block(rows)),
         KEEP=keep, NT=n_tiles if keep else 1, **tile)
 
 
-def _landmark_args(q, landmarks, scratch, words, epoch, out, C, D, scale, per_head, most, span):
+def _landmark_args(q, landmarks, scratch, words, epoch, out, C, scale, per_head, most, span):
     return (q, q.stride(0), q.stride(1), landmarks, landmarks.stride(0), landmarks.stride(1),
             scratch, scratch.stride(0), scratch.stride(1), words, epoch, out, out.stride(0),
-            q.shape[0], C, D, scale * 1.4426950408889634, per_head, most, span, 1 << 22)
+            C, scale * 1.4426950408889634, per_head, most, span, 1 << 22, q.shape[0])
 
 
 def _phase2_block(rows: int) -> int:
@@ -360,12 +366,12 @@ def _landmark_tile(device: torch.device, dtype: torch.dtype, Hkv: int, shape: di
         variants = [dict(KEEP=False, NT=1)]
         if shape["TQ2"] == 1 and rows * tile["BLOCK_C"] <= KEEP_SCORES:
             variants.append(dict(KEEP=True, NT=KEEP_SCORES // (rows * tile["BLOCK_C"])))
-        q = torch.empty((1, Hkv * shape["G"], shape["BLOCK_D"]), dtype=dtype, device=device)
-        lm = torch.empty((Hkv, 1, shape["BLOCK_D"]), dtype=dtype, device=device)
+        q = torch.empty((1, Hkv * shape["G"], shape["D"]), dtype=dtype, device=device)
+        lm = torch.empty((Hkv, 1, shape["D"]), dtype=dtype, device=device)
         f32 = torch.empty((Hkv, 1, 1), dtype=torch.float32, device=device)
         words = torch.zeros(1, dtype=torch.int64, device=device)
         epoch = torch.zeros(1, dtype=torch.int32, device=device)
-        args = _landmark_args(q, lm, f32, words, epoch, f32[:, 0], 1, shape["BLOCK_D"], 1.0, 1, 1, 1)
+        args = _landmark_args(q, lm, f32, words, epoch, f32[:, 0], 1, 1.0, 1, 1, 1)
         fits = min(_resident(device, _landmark_scores_kernel.warmup(
             *args, grid=(1,), BLOCK_C2=_phase2_block(rows), BLOCK_P=_poll_block(rows), **v, **tile), tile["num_warps"])
             for v in variants)
