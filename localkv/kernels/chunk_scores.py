@@ -307,7 +307,7 @@ def chunk_scores(q, landmarks=None, *, kmin=None, kmax=None, sm_scale: float | N
 
 def _landmark_scores(q, landmarks, out, Hkv, C, scale, shape):
     Tq = q.shape[0]
-    tile, most = _landmark_tile(q.device, q.dtype, Hkv, dict(shape, TQ2=next_pow2(Tq)))
+    tile, most = _landmark_tile(q.device, q.dtype, Hkv, dict(shape, Tq=Tq, TQ2=next_pow2(Tq)))
     bc, rows = tile["BLOCK_C"], shape["G_PAD"] * tile["TQ2"]
     per_head = max(1, min(most, -(-C // bc)))
     span = -(-C // (per_head * bc)) * bc
@@ -328,7 +328,7 @@ def _landmark_scores(q, landmarks, out, Hkv, C, scale, shape):
 def _landmark_args(q, landmarks, scratch, words, epoch, out, C, scale, per_head, most, span):
     return (q, q.stride(0), q.stride(1), landmarks, landmarks.stride(0), landmarks.stride(1),
             scratch, scratch.stride(0), scratch.stride(1), words, epoch, out, out.stride(0),
-            C, scale * 1.4426950408889634, per_head, most, span, 1 << 22, q.shape[0])
+            C, scale * 1.4426950408889634, per_head, most, span, 1 << 22)
 
 
 def _phase2_block(rows: int) -> int:
@@ -366,7 +366,7 @@ def _landmark_tile(device: torch.device, dtype: torch.dtype, Hkv: int, shape: di
         variants = [dict(KEEP=False, NT=1)]
         if shape["TQ2"] == 1 and rows * tile["BLOCK_C"] <= KEEP_SCORES:
             variants.append(dict(KEEP=True, NT=KEEP_SCORES // (rows * tile["BLOCK_C"])))
-        q = torch.empty((1, Hkv * shape["G"], shape["D"]), dtype=dtype, device=device)
+        q = torch.empty((shape["Tq"], Hkv * shape["G"], shape["D"]), dtype=dtype, device=device)
         lm = torch.empty((Hkv, 1, shape["D"]), dtype=dtype, device=device)
         f32 = torch.empty((Hkv, 1, 1), dtype=torch.float32, device=device)
         words = torch.zeros(1, dtype=torch.int64, device=device)
