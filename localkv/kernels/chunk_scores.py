@@ -109,6 +109,14 @@ def _tile_scores(q, a_ptr, stride_ac, offs_d, mask_d, valid_m, c0, c_end, qk_sca
 
 
 @triton.jit
+def _store_probs(out_h, s, lse, offs_c, mask_c, G_PAD: tl.constexpr, TQ2: tl.constexpr, BLOCK_C2: tl.constexpr):
+    """Phase 2 for one block of raw scores s (ROWS, BLOCK_C2) read back from the scratch: probabilities
+    2^(s - lse), summed over the tokens, max over the group, stored at chunks offs_c of the head's output row."""
+    per_g = tl.sum(tl.reshape(tl.exp2(s - lse[:, None]), (G_PAD, TQ2, BLOCK_C2)), 1)   # (G_PAD, BLOCK_C2)
+    tl.store(out_h + offs_c, tl.max(per_g, 0), mask=mask_c)
+
+
+@triton.jit
 def _landmark_scores_kernel(
     q_ptr, stride_qt, stride_qh,            # q (Tq, Hq, D): elements between tokens / heads; D contiguous
     a_ptr, stride_ah, stride_ac,            # landmarks (Hkv, C, D)
@@ -218,16 +226,13 @@ def _landmark_scores_kernel(
         offs_k = c_start + slots[:, None] * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
         tl.store(out_ptr + h * stride_outh + offs_k, tl.max(prob, 0), mask=offs_k < c_end)
     else:
-        prob = tl.exp2(s_first - lse[:, None])                                          # (ROWS, BLOCK_C2)
-        per_g = tl.sum(tl.reshape(prob, (G_PAD, TQ2, BLOCK_C2)), 1)
-        tl.store(out_ptr + h * stride_outh + offs_f, tl.max(per_g, 0), mask=mask_f)
+        out_h = out_ptr + h * stride_outh
+        _store_probs(out_h, s_first, lse, offs_f, mask_f, G_PAD, TQ2, BLOCK_C2)
         for c0 in range(c_start + BLOCK_C2, c_end, BLOCK_C2):
             offs_c = c0 + tl.arange(0, BLOCK_C2)
             mask_c = offs_c < c_end
             s = tl.load(s_rows2 + offs_c[None, :], mask=valid_r[:, None] & mask_c[None, :], other=float("-inf"))
-            prob = tl.exp2(s - lse[:, None])
-            per_g = tl.sum(tl.reshape(prob, (G_PAD, TQ2, BLOCK_C2)), 1)
-            tl.store(out_ptr + h * stride_outh + offs_c, tl.max(per_g, 0), mask=mask_c)
+            _store_probs(out_h, s, lse, offs_c, mask_c, G_PAD, TQ2, BLOCK_C2)
 
 
 def chunk_scores_ref(q, landmarks=None, *, kmin=None, kmax=None, sm_scale: float | None = None):
