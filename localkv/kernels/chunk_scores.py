@@ -34,7 +34,7 @@ The query-token count and head dim are compile-time constants, so their masks fo
 
 On an H100 (Llama-3.1-8B shapes, graphed, L2 cold; docs/benchmarks.md, "Eleventh session" and "Twelfth
 session"): 16K chunks in 16.2-16.5 µs against 19.2 µs for the counter barrier it replaced; 69-70% of the HBM
-copy rate in scripts/bench_kernels.py over five runs. 128K chunks (1M tokens) in 110-111 µs; 81-83%.
+copy rate in scripts/bench_kernels.py over six runs. 128K chunks (1M tokens) in 110-111 µs; 81-83%.
 """
 
 from __future__ import annotations
