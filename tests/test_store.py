@@ -90,6 +90,24 @@ def test_no_disk_and_no_room_is_an_overflow(tmp_path):
         model(torch.randint(0, 100, (200,)), cache)
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_overflow_names_the_tiers_there_are(device, monkeypatch):
+    """Without a GPU the first tier is the machine's RAM and there is no separate CPU tier: the message says so."""
+    from localkv.bench.shapes import shape_args
+    from localkv.errors import ContextOverflowError
+    from localkv.offload import planner
+    from localkv.offload.planner import make_plan
+
+    gpu, cpu, disk = (int(torch.randint(1, 64, ())) << 30 for _ in range(3))
+    monkeypatch.setattr(planner, "machine_budgets", lambda *a: (gpu, cpu, disk))   # no CUDA needed to plan for it
+    with pytest.raises(ContextOverflowError, match="more than every tier") as err:
+        make_plan(shape_args("llama3-8b"), 1 << 30, device=device, weights_bytes=0, gpu_mem=gpu, cpu_mem=cpu,
+                  disk="/tmp/unused", disk_mem=disk)
+    where = str(err.value).split("hold (")[1].split(")")[0]
+    want = f"GPU {gpu >> 30}.0 GB, CPU {cpu >> 30}.0 GB, disk" if device == "cuda" else f"RAM {gpu >> 30}.0 GB, disk"
+    assert where.startswith(want), where
+
+
 def test_enospc_from_the_file_system(tmp_path, monkeypatch):
     import errno
     import os
