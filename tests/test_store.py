@@ -92,7 +92,7 @@ def test_no_disk_and_no_room_is_an_overflow(tmp_path):
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_overflow_names_the_tiers_there_are(device, monkeypatch):
-    """Without a GPU the first tier is the machine's RAM and there is no separate CPU tier: the message says so."""
+    """Without a GPU the first tier is the machine's RAM, and the CPU tier (empty by default) is named only with room."""
     from localkv.bench.shapes import shape_args
     from localkv.errors import ContextOverflowError
     from localkv.offload import planner
@@ -104,8 +104,12 @@ def test_overflow_names_the_tiers_there_are(device, monkeypatch):
         make_plan(shape_args("llama3-8b"), 1 << 30, device=device, weights_bytes=0, gpu_mem=gpu, cpu_mem=cpu,
                   disk="/tmp/unused", disk_mem=disk)
     where = str(err.value).split("hold (")[1].split(")")[0]
-    want = f"GPU {gpu >> 30}.0 GB, CPU {cpu >> 30}.0 GB, disk" if device == "cuda" else f"RAM {gpu >> 30}.0 GB, disk"
+    want = f"GPU {gpu >> 30}.0 GB, CPU {cpu >> 30}.0 GB, disk" if device == "cuda" else f"RAM {gpu >> 30}.0 GB, CPU"
     assert where.startswith(want), where
+    if device == "cpu":   # the CPU tier is named only when it was given room
+        with pytest.raises(ContextOverflowError, match=rf"\(RAM {gpu >> 30}\.0 GB, disk "):
+            make_plan(shape_args("llama3-8b"), 1 << 30, device=device, weights_bytes=0, gpu_mem=gpu, cpu_mem=0,
+                      disk="/tmp/unused", disk_mem=disk)
 
 
 def test_enospc_from_the_file_system(tmp_path, monkeypatch):
