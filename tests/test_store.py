@@ -92,7 +92,7 @@ def test_no_disk_and_no_room_is_an_overflow(tmp_path):
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_overflow_names_the_tiers_there_are(device, monkeypatch):
-    """Without a GPU the first tier is the machine's RAM, and the CPU tier (empty by default) is named only with room."""
+    """Without a GPU the first tier is the machine's RAM; the CPU tier (empty by default) is named if it has room."""
     from localkv.bench.shapes import shape_args
     from localkv.errors import ContextOverflowError
     from localkv.offload import planner
