@@ -174,10 +174,8 @@ def make_plan(args: ModelArgs, ctx_tokens: int, *, model: str = "model", policy:
         plan.index_tier = "cpu" if host_index else "gpu"
     total = gpu_budget + cpu_budget + disk_budget
     if need > total:
-        tiers = [("GPU", gpu_budget), ("CPU", cpu_budget), ("disk", disk_budget)]
-        if device.type != "cuda":   # one memory: the first tier is the machine's RAM, the CPU tier empty by default
-            tiers = [("RAM", gpu_budget)] + ([("CPU", cpu_budget)] if cpu_budget else []) + [("disk", disk_budget)]
-        where = ", ".join(f"{n} {format_bytes(b)}" for n, b in tiers)
+        where = ", ".join(f"{n} {format_bytes(b)}" for n, b in (("GPU", gpu_budget), ("CPU", cpu_budget),
+                                                                ("disk", disk_budget)))
         hint = "" if disk_dir else "; add a --disk DIR on a drive with room"
         if policy == "shadowkv" and parts == 2 and need // 2 <= total:
             hint += "; or --policy-opt exact_keys=false, which stores values only (half the bytes)"
