@@ -32,9 +32,10 @@ interpreter programs run one after another, so there P = 1 per head.
 The query-token count and head dim are compile-time constants, so their masks fold away: 0.1-0.2 µs of a
 16K-chunk call, mostly the per-row predicates of the landmark loads.
 
-On an H100 (Llama-3.1-8B shapes, graphed, L2 cold; docs/benchmarks.md, "Eleventh session" and "Twelfth
-session"): 16K chunks in 16.2-16.5 µs against 19.2 µs for the counter barrier it replaced; 69-70% of the HBM
-copy rate in scripts/bench_kernels.py over six runs. 128K chunks (1M tokens) in 110-111 µs; 81-83%.
+On an H100 (Llama-3.1-8B shapes, graphed, L2 cold; docs/benchmarks.md, "Eleventh session" to "Fourteenth
+session"): 16K chunks in 15.5 µs, 73% of the HBM copy rate in scripts/bench_kernels.py over three runs; 128K
+chunks (1M tokens) in 107.5 µs, 84-85%. Graphs of 8 calls on an idle GPU, as timed until the fourteenth session,
+add ~0.6 µs a call: 16.2-16.5 µs there, against 19.2 µs for the counter barrier this wait replaced.
 """
 
 from __future__ import annotations
