@@ -51,7 +51,7 @@ GRAPH_CALLS = 64
 
 def _bench_graphed(calls, min_calls: int = GRAPH_CALLS, busy: bool = True) -> float:
     """Median ms per call of ``calls`` (closures over different buffers, together larger than L2), repeated in
-    order to at least `GRAPH_CALLS` calls, captured in one CUDA graph and replayed: the GPU time of an op as a
+    order to at least ``min_calls``, captured in one CUDA graph and replayed: the GPU time of an op as a
     graphed decode step runs it, every read coming from HBM, the gap between consecutive kernels included, and
     no Python launch time in between (which, for an op of ~10 us, would be most of it).
 
@@ -60,9 +60,9 @@ def _bench_graphed(calls, min_calls: int = GRAPH_CALLS, busy: bool = True) -> fl
       for the host, so the GPU is kept busy (a sleep kernel) until the graph is queued behind the event.
     - The graph's start and end, shared among `GRAPH_CALLS` calls rather than a few, as a decode step's
       hundreds of kernels share them.
-    Together they were 0.6 us of a 16 us call with 8 calls and an idle GPU, for chunk scoring and for a plain
-    copy of the same bytes alike (docs/benchmarks.md, "Fourteenth session"). ``min_calls=1, busy=False`` is
-    the method before, which counted both."""
+    Together they were 0.5-0.9 us of a 16 us call in a graph of 8 calls on an idle GPU, and 0.7 us for a plain
+    copy of the same bytes (docs/benchmarks.md, "Fourteenth session"). ``min_calls=1, busy=False`` is the
+    method before, which counted both."""
     for c in calls:
         c()                                         # compile / autotune outside the capture
     torch.cuda.synchronize()
@@ -276,7 +276,7 @@ def main() -> int:
     print(_table(rows))
     before = [r for r in rows if "pct_method_before" in r]
     if before:
-        print("chunk_scores by the method before (graphs of 8 calls, replayed on an idle GPU): "
+        print("chunk_scores by the method before (a graph of the row's 8 or 2 calls alone, on an idle GPU): "
               + ", ".join(f"{r['shape'].split(' (')[0]} {1e3 * r['ms_method_before']:.1f} us "
                           f"{r['pct_method_before']:.0f}%" for r in before))
     return 0

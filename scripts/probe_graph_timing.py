@@ -1,6 +1,6 @@
 """Probe (development aid): what a graphed op's time per call owes to the timing method, on one GPU.
 
-    python scripts/probe_graph_timing.py        # about 20 s on an H100
+    python scripts/probe_graph_timing.py        # about 10 s on an H100
 
 Times landmark scoring at 16K chunks (128K tokens, 34 MB a call) and a plain device copy of the same 34 MB four
 ways: graphs of 8 or 64 calls (rotating over eight buffers, more than L2 holds), each replayed on an idle GPU or

@@ -35,7 +35,7 @@ The query-token count and head dim are compile-time constants, so their masks fo
 On an H100 (Llama-3.1-8B shapes, graphed, L2 cold; docs/benchmarks.md, "Eleventh session" to "Fourteenth
 session"): 16K chunks in 15.5 µs, 73% of the HBM copy rate in scripts/bench_kernels.py over three runs; 128K
 chunks (1M tokens) in 107.5 µs, 84-85%. Graphs of 8 calls on an idle GPU, as timed until the fourteenth session,
-add ~0.6 µs a call: 16.2-16.5 µs there, against 19.2 µs for the counter barrier this wait replaced.
+add 0.5-0.9 µs a call: 16.1-16.5 µs there, against 19.2 µs for the counter barrier this wait replaced.
 """
 
 from __future__ import annotations
