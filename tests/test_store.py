@@ -91,7 +91,7 @@ def test_no_disk_and_no_room_is_an_overflow(tmp_path):
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
-def test_overflow_names_every_tier_budget(device, monkeypatch):
+def test_overflow_names_every_tier_budget(device, monkeypatch, tmp_path):
     """The overflow message gives each tier's budget under the names the plan table and the chat app use: the
     first tier is "GPU", the compute device's memory (the machine's RAM without a GPU)."""
     from localkv.bench.shapes import shape_args
@@ -103,7 +103,7 @@ def test_overflow_names_every_tier_budget(device, monkeypatch):
     monkeypatch.setattr(planner, "machine_budgets", lambda *a: (gpu, cpu, disk))   # no CUDA needed to plan for it
     with pytest.raises(ContextOverflowError, match="more than every tier") as err:
         make_plan(shape_args("llama3-8b"), 1 << 30, device=device, weights_bytes=0, gpu_mem=gpu, cpu_mem=cpu,
-                  disk="/tmp/unused", disk_mem=disk)
+                  disk=str(tmp_path), disk_mem=disk)
     where = str(err.value).split("hold (")[1].split(")")[0]
     assert where == f"GPU {gpu >> 30}.0 GB, CPU {cpu >> 30}.0 GB, disk {disk >> 30}.0 GB", where
 
