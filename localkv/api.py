@@ -139,7 +139,7 @@ class Chat:
         self.session.save(path)
 
 
-def load(model: str | Path | None = None, *, ctx: str | int = "8K", policy: str = "exact",
+def load(model: str | Path | None = None, *, ctx: str | int = "8K", policy: str | None = None,
          device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
          gpu_mem: str | int | None = None, cpu_mem: str | int | None = None, disk: str | Path | None = None,
          kv_dtype: str | torch.dtype | None = None, session: str | Path | None = None,
@@ -150,7 +150,7 @@ def load(model: str | Path | None = None, *, ctx: str | int = "8K", policy: str 
         model: an embedded model name (default ``smollm2-135m``, fetched on first use), a GGUF file, or a
             Hugging Face model directory (config.json + safetensors + tokenizer.json).
         ctx: context size in tokens: ``8192``, ``"8K"``, ``"128K"``, ``"1M"``.
-        policy: which KV policy attends (``"exact"``).
+        policy: which KV policy attends (default ``"exact"``; ``localkv.policies()`` lists them).
         device: ``"cuda"``, ``"cpu"``...; the GPU when there is one.
         dtype: weights and activations dtype; bf16 on a GPU, fp32 on a CPU by default.
         gpu_mem, cpu_mem: KV budget of the GPU and pinned-CPU tiers (``"2GB"``, ``"512MB"``, or bytes);
@@ -159,8 +159,8 @@ def load(model: str | Path | None = None, *, ctx: str | int = "8K", policy: str 
             does not fit in GPU and CPU memory.
         kv_dtype: dtype the KV is stored in (default: ``dtype``).
         session: a saved chat session to resume (``Chat.save``); its KV is read back, not recomputed.
-        policy_options: the policy's options (``ShadowKVConfig`` for shadowkv, e.g. ``{"budget": 1/16,
-            "exact_keys": False}``); the planner counts them where they change what the KV takes.
+        policy_options: the policy's options (``localkv policies`` lists each policy's, e.g. ``{"budget": 1/16}``);
+            the planner counts them where they change what the KV takes.
 
     Returns:
         An ``LLM``; ``llm.plan`` says what lives where.
@@ -172,6 +172,10 @@ def load(model: str | Path | None = None, *, ctx: str | int = "8K", policy: str 
     from .offload.store import Budgets
     from .units import parse_bytes
 
+    from .offload import policies
+
+    policy = policy or policies.DEFAULT
+    policies.get(policy).parse(policy_options)   # an unknown policy or a bad option fails before any loading
     ctx_tokens = parse_tokens(ctx)
     gpu_bytes = parse_bytes(gpu_mem) if gpu_mem is not None else None
     cpu_bytes = parse_bytes(cpu_mem) if cpu_mem is not None else None
@@ -188,9 +192,7 @@ def load(model: str | Path | None = None, *, ctx: str | int = "8K", policy: str 
     if plan.tiered or kv != loaded.model.dtype:
         budgets = Budgets(plan.gpu.budget, plan.cpu.budget, Path(plan.disk_dir) if plan.disk_dir else None,
                           plan.disk.budget or None)
-    options = dict(policy_options or {})
-    if plan.index_tier and "index_tier" not in options:
-        options["index_tier"] = plan.index_tier   # the planner decided it: not again
+    options = {**plan.policy_options, **(policy_options or {})}   # what the planner decided, unless told
     engine = Engine(loaded, ctx_tokens=ctx_tokens, policy=policy, budgets=budgets, kv_dtype=kv, **options)
     llm = LLM(loaded, engine)
     llm.plan = plan

@@ -21,7 +21,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ctx", default="8K", help="context size in tokens: 8192, 8K, 128K, 1M (default 8K)")
-    p.add_argument("--policy", default="exact", help="KV policy: exact or shadowkv (default: exact)")
+    p.add_argument("--policy", default=None, help="KV policy (default: exact; `localkv policies` lists them)")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: the GPU if there is one)")
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--gpu-mem", default=None, help="KV budget on the GPU, e.g. 4GB (default: what is free)")
@@ -30,7 +30,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="directory for the disk tier (default: $LOCALKV_HOME/kv, used only when needed)")
     p.add_argument("--kv-dtype", default=None, help="dtype of the stored KV: fp32, fp16, bf16 (default: --dtype)")
     p.add_argument("--policy-opt", default=None, metavar="KEY=VALUE,...",
-                   help="options of a sparse policy, comma-separated: exact_keys=false,rank=128")
+                   help="the policy's options, comma-separated: budget=1/16,rank=128 (`localkv policies`)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,10 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--shape", default=None, help="a named architecture with random weights instead of MODEL: "
                        "llama3-8b, llama3.2-1b, smollm2-135m")
     bench.add_argument("--ctx", default="2K", help="contexts, comma-separated: 32K,128K,1M (default 2K)")
-    bench.add_argument("--policy", default="exact", help="policies, comma-separated: exact,shadowkv (default: exact)")
+    bench.add_argument("--policy", default=None, help="policies, comma-separated (default: exact; "
+                       "`localkv policies` lists them)")
     bench.add_argument("--budget", default=None, help="budget= of the sparse policies, comma-separated: 2048, 1/16")
     bench.add_argument("--policy-opt", default=None, metavar="KEY=VALUE,...", help="options of every sparse "
-                       "policy's rows, comma-separated: exact_keys=false,rank=128")
+                       "policy's rows, comma-separated: rank=128,sink_tokens=16")
     bench.add_argument("--gpu-mem", default=None, help="KV budget on the GPU, e.g. 4GB (default: what is free)")
     bench.add_argument("--cpu-mem", default=None, help="KV budget in pinned CPU memory, e.g. 16GB")
     bench.add_argument("--gpu-cap", default=None, help="cap this process's GPU memory, e.g. 24GB (a gaming card)")
@@ -105,11 +106,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--continuation", type=int, default=128, help="tokens scored after each context (default 128)")
     ev.add_argument("--policy", default=None, help="policies, comma-separated (default: every sparse one)")
     ev.add_argument("--budget", default="1/32,1/16,1/8", help="budget= of the sparse policies, comma-separated: "
-                    "tokens (2048) or shares of the context (1/16); default 1/32,1/16,1/8")
+                    "tokens (2048), shares of the context (1/16) or 'default'; default 1/32,1/16,1/8")
+    ev.add_argument("--policy-opt", default=None, metavar="KEY=VALUE,...", help="more options of every sparse "
+                    "policy's rows, comma-separated: sink_tokens=16")
     ev.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON")
     ev.add_argument("--device", default=None, help="cuda, cpu, ... (default: the GPU if there is one)")
     ev.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: bf16 on GPU, fp32 on CPU)")
     ev.set_defaults(func=cmd_eval)
+
+    pol = sub.add_parser("policies", help="the KV policies and their options")
+    pol.add_argument("name", nargs="?", default=None, help="one policy's options (default: every policy)")
+    pol.set_defaults(func=cmd_policies)
     return parser
 
 
@@ -137,8 +144,10 @@ def _policy_options(text: str | None, policy: str | None = None) -> dict:
         if not sep or not key or not value:
             raise UserError(f"--policy-opt wants KEY=VALUE pairs, got {item!r}")
         options[key] = _option_value(value)
-    if options and policy == "exact":
-        raise UserError("--policy-opt sets options of a sparse policy (shadowkv); --policy is exact")
+    if policy is not None:
+        from .offload import policies
+
+        policies.get(policy).parse(options)   # an unknown policy or option fails before any loading
     return options
 
 
@@ -203,15 +212,18 @@ def cmd_plan(args) -> int:
     from .offload.planner import make_plan
     from .units import parse_bytes, parse_tokens
 
+    from .offload import policies
+
     ctx = parse_tokens(args.ctx)
-    options = _policy_options(args.policy_opt, args.policy)
+    policy = args.policy or policies.DEFAULT
+    options = _policy_options(args.policy_opt, policy)
     if args.disk:
         check_writable(Path(args.disk).expanduser())
     model_args, path, _, _ = read_model_args(args.model)
     device = parse_device(args.device)
     dtype = parse_dtype(args.dtype) if args.dtype else default_dtype(device)
     kv_dtype = parse_dtype(args.kv_dtype) if args.kv_dtype else dtype
-    plan = make_plan(model_args, ctx, model=path.name, policy=args.policy, device=device, kv_dtype=kv_dtype,
+    plan = make_plan(model_args, ctx, model=path.name, policy=policy, device=device, kv_dtype=kv_dtype,
                      weights_bytes=model_args.n_params() * dtype.itemsize,
                      gpu_mem=parse_bytes(args.gpu_mem) if args.gpu_mem else None,
                      cpu_mem=parse_bytes(args.cpu_mem) if args.cpu_mem else None,
@@ -264,13 +276,15 @@ def _check_results_dir(path: Path) -> None:
 
 def cmd_bench(args) -> int:
     from .bench import BenchConfig, plot_result, run_bench, table, write_json
+    from .offload import policies
     from .units import parse_budget, parse_bytes, parse_tokens
 
     if args.model and args.shape:
         raise UserError("give a MODEL or a --shape, not both")
     size = lambda text: parse_bytes(text) if text else None  # noqa: E731
     config = BenchConfig(
-        ctxs=[parse_tokens(c) for c in _split(args.ctx)], policies=_split(args.policy), model=args.model,
+        ctxs=[parse_tokens(c) for c in _split(args.ctx)], policies=_split(args.policy or policies.DEFAULT),
+        model=args.model,
         shape=args.shape, budgets=[(b, parse_budget(b)) for b in _split(args.budget)],
         options=_policy_options(args.policy_opt),
         gpu_mem=size(args.gpu_mem), cpu_mem=size(args.cpu_mem), gpu_cap=size(args.gpu_cap),
@@ -304,20 +318,34 @@ def cmd_eval(args) -> int:
     if not ctxs or args.continuation <= 0:
         raise UserError("--ctx needs a value and --continuation must be positive")
     policies = _split(args.policy) or sparse_policies()
-    budgets = [(b, parse_budget(b)) for b in _split(args.budget)]
+    budgets = [(b, None if b == "default" else parse_budget(b)) for b in _split(args.budget)]
+    options = _policy_options(args.policy_opt)
     out = Path(args.json).expanduser() if args.json else None
     if out is not None:
         _check_results_dir(out.parent)
     llm = api.load(args.model, ctx=max(ctxs) + args.continuation + 1, device=args.device, dtype=args.dtype)
     ids = llm.engine.encode_raw(text)
     rows = fidelity(llm, ids, ctxs, args.continuation, policies, budgets,
-                    progress=lambda line: print(line, file=sys.stderr, flush=True))
+                    progress=lambda line: print(line, file=sys.stderr, flush=True), options=options)
     if out is not None:
         import json
 
         result = {"model": llm.loaded.source.name, "text": args.text, "rows": rows}
         out.write_text(json.dumps(result, indent=2) + "\n")
     print(fidelity_table(rows))
+    return 0
+
+
+def cmd_policies(args) -> int:
+    from .offload import policies
+
+    for name in [policies.get(args.name).name] if args.name else policies.names():
+        spec = policies.get(name)
+        default = " (default)" if name == policies.DEFAULT else ""
+        print(f"{name}{default}: {spec.summary}")
+        for option, value, doc in spec.option_help():
+            print(f"  {option}={value}  {doc}")
+        print()
     return 0
 
 

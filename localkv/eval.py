@@ -69,10 +69,10 @@ def read_texts(paths: list[str | Path]) -> str:
 
 
 def sparse_policies() -> list[str]:
-    """Every registered policy but exact (or just exact while it is the only one)."""
-    from .offload.policies import POLICIES
+    """Every registered sparse policy (or just the reference while there is none)."""
+    from .offload import policies
 
-    return [p for p in POLICIES if p != "exact"] or ["exact"]
+    return [p for p in policies.names() if policies.get(p).sparse] or [policies.REFERENCE]
 
 
 def _engine(llm, policy: str, ctx_tokens: int, options: dict):
@@ -94,8 +94,8 @@ def _compare(ref: torch.Tensor, logits: torch.Tensor) -> tuple[float, float]:
 
 @torch.inference_mode()
 def fidelity(llm, text_ids: list[int], ctxs: list[int], continuation: int, policies: list[str],
-             budgets: list[tuple[str, int | float]] = (), progress: Callable[[str], None] | None = None
-             ) -> list[dict]:
+             budgets: list[tuple[str, int | float | None]] = (), progress: Callable[[str], None] | None = None,
+             options: dict | None = None) -> list[dict]:
     """Fidelity of each policy × budget to exact attention, at each context, on one text.
 
     For each ``ctx`` the first ``ctx`` tokens of ``text_ids`` are the context and the next ``continuation``
@@ -106,41 +106,47 @@ def fidelity(llm, text_ids: list[int], ctxs: list[int], continuation: int, polic
         text_ids: the text as token ids; at least ``max(ctxs) + continuation`` of them.
         ctxs: context sizes in tokens.
         continuation: tokens scored after each context.
-        policies: policy names; ``exact`` gives one row (its check against itself), the others one per budget.
+        policies: policy names; a sparse one gives a row per budget, any other one row (the reference: its
+            check against itself).
         budgets: (label, value) pairs passed as the ``budget=`` option (tokens as int, share of the context as
-            float); empty: each policy's own default.
+            float, None for the policy's default); empty: each policy's own default.
         progress: called with a line before each run.
+        options: more options for every sparse policy (``--policy-opt``).
 
     Returns:
         One dict per row: ``ctx``, ``policy``, ``budget`` (the label, None for exact or a default),
         ``kl``, ``top1``, ``attention_recall`` (1.0 for exact, None when the policy does not report it).
     """
-    from .offload.policies import POLICIES
+    from .offload import policies as registry
 
+    options = dict(options or {})
     need = max(ctxs) + continuation
     if len(text_ids) < need:
         raise UserError(f"the text is {len(text_ids):,} tokens, shorter than the largest context plus the "
                         f"continuation ({format_tokens(max(ctxs))} + {continuation} = {need:,} tokens); "
                         f"give more or longer --text files, or lower --ctx")
-    for policy in policies:
-        if policy not in POLICIES:
-            raise UserError(f"unknown policy {policy!r} (available: {', '.join(POLICIES)})")
+    for policy in policies:   # unknown names and bad options fail before the first run
+        spec = registry.get(policy)
+        if spec.sparse:
+            spec.parse({**options, "budget": None})
     say = progress or (lambda _: None)
     rows = []
     for ctx in ctxs:
         context, cont = list(text_ids[:ctx]), list(text_ids[ctx:ctx + continuation])
-        say(f"exact (the reference) at {ctx:,} tokens")
-        ref, _ = _teacher_forced(_engine(llm, "exact", ctx + continuation + 1, {}), context, cont)
+        say(f"{registry.REFERENCE} (the reference) at {ctx:,} tokens")
+        ref, _ = _teacher_forced(_engine(llm, registry.REFERENCE, ctx + continuation + 1, {}), context, cont)
         for policy in policies:
-            runs = [(None, None)] if policy == "exact" or not budgets else budgets
+            sparse = registry.get(policy).sparse
+            runs = budgets if sparse and budgets else [(None, None)]
             for label, budget in runs:
-                options = {} if policy == "exact" else {"measure_recall": True}
+                run_options = {**options, "measure_recall": True} if sparse else {}
                 if budget is not None:
-                    options["budget"] = budget
+                    run_options["budget"] = budget
                 say(f"{policy}{f' budget={label}' if label else ''} at {ctx:,} tokens")
-                logits, stats = _teacher_forced(_engine(llm, policy, ctx + continuation + 1, options), context, cont)
+                logits, stats = _teacher_forced(_engine(llm, policy, ctx + continuation + 1, run_options), context,
+                                                cont)
                 kl, top1 = _compare(ref, logits)
-                recall = 1.0 if policy == "exact" else stats.get("attention_recall")
+                recall = stats.get("attention_recall") if sparse else 1.0
                 rows.append({"ctx": ctx, "policy": policy, "budget": label, "kl": kl, "top1": top1,
                              "attention_recall": None if recall is None else float(recall)})
     return rows

@@ -5,18 +5,18 @@
 Ceilings: device-to-device copy (read + write bytes / time) and pinned host-to-device copy. Each op reports
 achieved GB/s = bytes that must move / median time (triton.testing.do_bench, L2 flushed between runs),
 next to the plain torch way (the op's reference run on the GPU) and the max error against it. Shapes are
-Llama-3.1-8B's (Hkv 8, G 4, D 128, bf16) at 128K-token index lists. Attention and chunk scoring are timed as
-a graphed decode step runs them, GPU time per call in a CUDA graph of at least 64 calls (`_bench_graphed`):
-with do_bench the Python launcher's time (tens of microseconds for a launch, a split-K pass and its merge)
-lands in the measurement. Chunk scoring moves only 32 MB a call, so its calls rotate over eight sets of
-abstracts (more than L2 holds). The others use do_bench. Goals: attention and scoring >= 70%
-of the copy bandwidth, pinned gather >= 80% of pinned H2D. JSON goes to $OUT/bench_kernels.json (default ./.out);
-the table is printed last.
+Llama-3.1-8B's (Hkv 8, G 4, D 128, bf16) at 128K-token index lists. Attention, chunk scoring, the chunk
+select (`topk_ids`) and the slot assignment (`assign_slots`) are timed as a graphed decode step runs them, GPU
+time per call in a CUDA graph of at least 64 calls (`_bench_graphed`): with do_bench the Python launcher's time
+(tens of microseconds for a launch, a split-K pass and its merge) lands in the measurement. Chunk scoring moves
+only 32 MB a call, so its calls rotate over eight sets of abstracts (more than L2 holds). The select and the
+slot assignment move a few hundred KB, so they report µs against the torch way, not a share of a ceiling. The
+others use do_bench. Goals: attention and scoring >= 70% of the copy bandwidth, pinned gather >= 80% of pinned
+H2D. JSON goes to $OUT/bench_kernels.json (default ./.out); the table is printed last.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -60,9 +60,9 @@ def _bench_graphed(calls, min_calls: int = GRAPH_CALLS, busy: bool = True) -> fl
       for the host, so the GPU is kept busy (a sleep kernel) until the graph is queued behind the event.
     - The graph's start and end, shared among `GRAPH_CALLS` calls rather than a few, as a decode step's
       hundreds of kernels share them.
-    Together they were 0.5-0.9 us of a 16 us call in a graph of 8 calls on an idle GPU, and 0.7 us for a plain
-    copy of the same bytes (docs/benchmarks.md, "Fourteenth session"). ``min_calls=1, busy=False`` is the
-    method before, which counted both."""
+    Together they are 0.5-0.9 us of a 16 us call in a graph of 8 calls on an idle GPU, and 0.7 us for a plain
+    copy of the same bytes (docs/benchmarks.md, "Kernels"). ``min_calls=1, busy=False`` times a graph of the
+    calls alone on an idle GPU, which counts both."""
     for c in calls:
         c()                                         # compile / autotune outside the capture
     torch.cuda.synchronize()
@@ -86,18 +86,6 @@ def _bench_graphed(calls, min_calls: int = GRAPH_CALLS, busy: bool = True) -> fl
     return sorted(times)[len(times) // 2]
 
 
-def baseline_module(flag: str, name: str):
-    """Another version of a kernel file, given on the command line after ``flag`` (None without the flag),
-    loaded as ``localkv.kernels.<name>`` so that its relative imports work; for same-run comparisons."""
-    if flag not in sys.argv:
-        return None
-    path = sys.argv[sys.argv.index(flag) + 1]
-    spec = importlib.util.spec_from_file_location(f"localkv.kernels.{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _maxerr(a, b) -> float:
     return float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
 
@@ -116,7 +104,7 @@ def ceilings() -> dict:
 
 def _row(op, shape, nbytes, ms, ref_ms, err, ceiling_name, ceilings, goal, extra=None):
     gbps = nbytes / ms / 1e6
-    pct = 100 * gbps / ceilings[ceiling_name]
+    pct = 100 * gbps / ceilings[ceiling_name] if ceiling_name else None
     return dict(op=op, shape=shape, MB=nbytes / 1e6, ms=ms, GBps=gbps, pct_of_ceiling=pct, ceiling=ceiling_name,
                 torch_ms=ref_ms, speedup=(ref_ms / ms) if ref_ms else None, max_err=err,
                 goal_pct=goal, meets_goal=(pct >= goal) if goal else None, **(extra or {}))
@@ -153,13 +141,67 @@ def bench_scores(ceil, mode, tokens=CTX_TOKENS):
     a, kw = copies[0], kws[0]
     calls = [lambda kw=kw: chunk_scores(q, **kw) for kw in kws]
     ms = _bench_graphed(calls)
-    before_ms = _bench_graphed(calls, min_calls=1, busy=False)   # the method before, for the record
+    before_ms = _bench_graphed(calls, min_calls=1, busy=False)   # the calls alone, idle GPU: launch included
     ref_ms = _bench_graphed([lambda kw=kw: chunk_scores_ref(q, **kw) for kw in kws])
     err = _maxerr(chunk_scores(q, **kw), chunk_scores_ref(q, **kw))
     nbytes = len(kw) * a.numel() * 2 + HKV * C * 4
     return _row("chunk_scores", f"{mode} C={C} chunks ({tokens // 1024}K tokens)", nbytes, ms, ref_ms, err,
                 "copy_GBps", ceil, 70, {"ms_method_before": before_ms,
                                         "pct_method_before": 100 * nbytes / before_ms / 1e6 / ceil["copy_GBps"]})
+
+
+def bench_topk(ceil, chunks, k):
+    """`topk_ids` on the rows a ShadowKV step selects from: 8 KV heads of landmark scores (``chunk_scores`` on
+    random queries and landmarks), ``chunks`` columns, k ids a row; against ``torch.topk`` + a sort of the ids
+    (which breaks ties by score order, not by id). The scores are L2-hot, as a step's just-written scores are."""
+    from localkv.kernels import chunk_scores, topk_ids, topk_ids_ref
+
+    q = torch.randn(1, HKV * G, D, dtype=DT, device=DEV)
+    s = chunk_scores(q, torch.randn(HKV, chunks, D, dtype=DT, device=DEV))
+    ref = topk_ids_ref(s, k)
+    out = torch.empty_like(ref)
+    ms = _bench_graphed([lambda: topk_ids(s, k, out=out)] * 20)
+    ref_ms = _bench_graphed([lambda: torch.topk(s, k, dim=1).indices.sort(dim=1)] * 20)
+    err = float((topk_ids(s, k, out=out) != ref).sum())
+    return _row("topk_ids", f"{HKV}x{chunks} scores k={k}", s.numel() * 4, ms, ref_ms, err, None, ceil, None,
+                {"us": 1e3 * ms, "torch_way": "torch.topk + sort"})
+
+
+def bench_slots(ceil, chunks=16384, k=257, steps=20, keep=17):
+    """`assign_slots` at a 128K ShadowKV step's shape: 8 KV heads, ``k`` chunks selected of ``chunks`` into
+    2k slots, ``steps`` selections a replay, each keeping ``keep`` of the step before's chunks (the 6.6% hit rate
+    of a synthetic 128K run); against its torch reference. Exactness: the kernel against the reference over the
+    steps, twice over, from empty tables."""
+    from localkv.kernels import assign_slots, assign_slots_ref
+
+    n_slots = 2 * k
+    sels = [torch.randperm(chunks, device=DEV)[:k]]
+    for _ in range(steps - 1):
+        last = sels[-1]
+        fresh = torch.randperm(chunks, device=DEV)
+        fresh = fresh[~torch.isin(fresh, last)][:k - keep]
+        sels.append(torch.cat([last[torch.randperm(k, device=DEV)[:keep]], fresh]))
+    sels = [x.sort().values.expand(HKV, k).contiguous() for x in sels]
+
+    def tables():
+        return (torch.full((HKV, chunks + 1), -1, dtype=torch.long, device=DEV),
+                torch.full((HKV, n_slots + 1), -1, dtype=torch.long, device=DEV),
+                torch.zeros(HKV, n_slots + 1, dtype=torch.int32, device=DEV),
+                torch.zeros(HKV, dtype=torch.int32, device=DEV))
+
+    ours, theirs = tables(), tables()
+    wrong = 0
+    for x in sels + sels:
+        got = assign_slots(x, *ours, n_slots)
+        want = assign_slots_ref(x, *theirs, n_slots)
+        wrong += sum(int((a != b).sum()) for a, b in zip(got, want))
+    t, hits = tables(), torch.zeros((), dtype=torch.long, device=DEV)
+    ms = _bench_graphed([lambda x=x: assign_slots(x, *t, n_slots, hits) for x in sels])
+    rt = tables()
+    ref_ms = _bench_graphed([lambda x=x: assign_slots_ref(x, *rt, n_slots) for x in sels])
+    nbytes = HKV * (k * 8 * 3 + n_slots * (8 + 4))                      # sel, slots, dst; slot tables
+    return _row("assign_slots", f"{HKV}x{k} of {chunks} into {n_slots}", nbytes, ms, ref_ms, float(wrong), None,
+                ceil, None, {"us": 1e3 * ms, "torch_way": "assign_slots_ref"})
 
 
 def bench_gather(ceil, n_sel):
@@ -230,8 +272,9 @@ def _table(rows) -> str:
             lines.append(f"{r['op']:<17}{r.get('shape', ''):<30}  ERROR {r['error']}")
             continue
         goal = "" if r["goal_pct"] is None else (f">={r['goal_pct']}% " + ("ok" if r["meets_goal"] else "MISSED"))
+        pct = "" if r["pct_of_ceiling"] is None else f"{r['pct_of_ceiling']:.0f}%"
         lines.append(f"{r['op']:<17}{r['shape']:<30}{r['MB']:>9.1f}{r['ms']:>9.3f}{r['GBps']:>9.0f}"
-                     f"{r['pct_of_ceiling']:>6.0f}%{r['torch_ms']:>10.3f}{r['speedup']:>8.1f}x"
+                     f"{pct:>7}{r['torch_ms']:>10.3f}{r['speedup']:>8.1f}x"
                      f"{r['max_err']:>10.2g}  {goal}")
     return "\n".join(lines)
 
@@ -249,6 +292,9 @@ def main() -> int:
     jobs = [("sparse_attention", bench_attention, (1,)), ("sparse_attention", bench_attention, (8,)),
             ("chunk_scores", bench_scores, ("landmark",)), ("chunk_scores", bench_scores, ("minmax",)),
             ("chunk_scores", bench_scores, ("landmark", 8 * CTX_TOKENS)),
+            ("topk_ids", bench_topk, (CTX_TOKENS // CHUNK, 257)),
+            ("topk_ids", bench_topk, (8 * CTX_TOKENS // CHUNK, 2049)),
+            ("assign_slots", bench_slots, ()),
             *[("gather_pinned", bench_gather, (n,)) for n in BUDGET_CHUNKS],
             *[("lowrank_rope", bench_lowrank, (n,)) for n in BUDGET_CHUNKS],
             ("kv_quant", bench_quant, ("key", 4)), ("kv_quant", bench_quant, ("value", 4)),
@@ -276,7 +322,7 @@ def main() -> int:
     print(_table(rows))
     before = [r for r in rows if "pct_method_before" in r]
     if before:
-        print("chunk_scores by the method before (a graph of the row's 8 or 2 calls alone, on an idle GPU): "
+        print("chunk_scores timed as a graph of the row's 8 or 2 calls alone, on an idle GPU: "
               + ", ".join(f"{r['shape'].split(' (')[0]} {1e3 * r['ms_method_before']:.1f} us "
                           f"{r['pct_method_before']:.0f}%" for r in before))
     return 0

@@ -124,8 +124,8 @@ def decode_ms(model, cache, steps: int) -> float:
 def hf_offloaded_ms(model: Transformer, n_tokens: int, steps: int) -> float | None:
     """transformers' offloaded DynamicCache on the same weights, its context growing a token a step as in a chat.
 
-    (An earlier version cut the cache back to ``n_tokens`` after each step; the cut views are not contiguous,
-    so every prefetch first copied them on the CPU, and transformers measured 3-4x slower than it is.)"""
+    (Cutting the cache back to ``n_tokens`` after each step would leave views that are not contiguous, so every
+    prefetch would first copy them on the CPU, and transformers would measure 3-4x slower than it is.)"""
     try:
         import transformers
     except ImportError:

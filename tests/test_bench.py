@@ -135,19 +135,16 @@ def test_policy_options_reach_the_plan_and_the_rows(tmp_path, monkeypatch, capsy
 
 
 def test_a_failing_policy_is_a_failed_row_not_a_lost_run(tmp_path, monkeypatch, capsys):
-    import localkv.bench.runner as runner
-    import localkv.runtime.engine as engine
+    from localkv.offload.policies import base
 
-    real = engine.make_cache
+    class Broken(base.Policy):
+        name = "broken"
 
-    def make_cache(policy, *a, **kw):
-        if policy == "broken":
+        def make(self, *args, **kwargs):
             raise RuntimeError("no such kernel")
-        return real(policy, *a, **kw)
 
     monkeypatch.setitem(SHAPES, "tiny", dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=256))
-    monkeypatch.setattr(runner, "POLICIES", ("exact", "broken"))
-    monkeypatch.setattr(engine, "make_cache", make_cache)
+    monkeypatch.setitem(base._REGISTRY, "broken", Broken())
     code = main(["bench", "--shape", "tiny", "--ctx", "256", "--policy", "broken,exact", "--steps", "2",
                  "--json", str(tmp_path / "r.json")])
     out, err = capsys.readouterr()

@@ -121,3 +121,14 @@ def test_bad_device(capsys, tiny_dir, command):
     if not __import__("torch").cuda.is_available():
         code, _, err = run(capsys, command, str(tiny_dir), "--device", "cuda")
         assert_user_error(code, err, "cuda", "no CUDA GPU")
+
+
+def test_plan_that_refuses_leaves_no_disk_directory(capsys, tiny_dir, tmp_path):
+    """A context past every tier is refused before anything is made: the --disk directory is not created."""
+    target = tmp_path / "new" / "kv"
+    code, _, err = run(capsys, "plan", str(tiny_dir), "--ctx", "100000M", "--gpu-mem", "1MB", "--cpu-mem", "1MB",
+                       "--disk", str(target), "--device", "cpu")
+    assert_user_error(code, err, "every tier")
+    assert not (tmp_path / "new").exists()
+    code, out, _ = run(capsys, "plan", str(tiny_dir), "--ctx", "4K", "--disk", str(target), "--device", "cpu")
+    assert code == 0 and str(target) in out and not (tmp_path / "new").exists()   # planning makes nothing either

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-import localkv.offload.policies as policies
 from localkv.cli import main
-from localkv.offload.policies.exact import DeviceExactKV
+from localkv.offload.policies import base
+from localkv.offload.policies.exact.device import DeviceExactKV
 from tiny import write_model
 
 TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
@@ -60,25 +60,44 @@ class RecordingKV(DeviceExactKV):
         return {**super().stats(), **recall}
 
 
-def test_sparse_policy_gets_budget_and_measure_recall(capsys, monkeypatch, tiny_dir, text_file):
-    def make_cache(policy, args, capacity, *, device="cpu", dtype=None, budgets=None, **options):
-        return RecordingKV(args, capacity, **options) if policy == "fake" else DeviceExactKV(args, capacity)
+class FakePolicy(base.Policy):
+    """A sparse policy known only to these tests: exact attention that records its options (``recording``), or
+    plain exact attention that reports no recall."""
 
-    monkeypatch.setattr(policies, "POLICIES", ("exact", "fake"))
-    monkeypatch.setattr("localkv.runtime.engine.make_cache", make_cache)
+    name, sparse = "fake", True
+
+    def __init__(self, recording: bool):
+        self.recording = recording
+
+    def parse(self, options):
+        return options
+
+    def make(self, args, capacity, *, budgets, device, dtype, **options):
+        return RecordingKV(args, capacity, **options) if self.recording else DeviceExactKV(args, capacity)
+
+
+def _only_fake(monkeypatch, recording: bool) -> None:
+    """The registry holds the reference and the fake policy only, for this test."""
+    monkeypatch.setattr(base, "_REGISTRY", {base.REFERENCE: base.get(base.REFERENCE), "fake": FakePolicy(recording)})
+
+
+def test_sparse_policy_gets_budget_and_measure_recall(capsys, monkeypatch, tiny_dir, text_file):
+    _only_fake(monkeypatch, recording=True)
     RecordingKV.made.clear()
     code, out, err = run(capsys, "eval", str(tiny_dir), "--text", str(text_file), "--ctx", "64",
-                         "--continuation", "8", "--budget", "1/8,32", "--device", "cpu")  # default: the sparse ones
+                         "--continuation", "8", "--budget", "1/8,32,default", "--device", "cpu",
+                         "--policy-opt", "sink_tokens=16")  # default: the sparse ones
     assert code == 0, err
-    assert RecordingKV.made == [{"measure_recall": True, "budget": 0.125}, {"measure_recall": True, "budget": 32}]
+    assert RecordingKV.made == [{"sink_tokens": 16, "measure_recall": True, "budget": 0.125},
+                                {"sink_tokens": 16, "measure_recall": True, "budget": 32},
+                                {"sink_tokens": 16, "measure_recall": True}]
     lines = out.strip().splitlines()
-    assert len(lines) == 3 and "1/8" in lines[1] and "0.750" in lines[1] and "32" in lines[2]
+    assert len(lines) == 4 and "1/8" in lines[1] and "0.750" in lines[1] and "32" in lines[2]
+    assert "default" in lines[3] and lines[3].split()[-1] == "n/a"   # no budget given: the fake reports no recall
 
 
 def test_recall_not_reported_prints_na(capsys, monkeypatch, tiny_dir, text_file):
-    monkeypatch.setattr(policies, "POLICIES", ("exact", "fake"))
-    monkeypatch.setattr("localkv.runtime.engine.make_cache",
-                        lambda policy, args, capacity, **kw: DeviceExactKV(args, capacity))
+    _only_fake(monkeypatch, recording=False)
     code, out, err = run(capsys, "eval", str(tiny_dir), "--text", str(text_file), "--ctx", "64",
                          "--continuation", "8", "--policy", "fake", "--budget", "", "--device", "cpu")
     assert code == 0, err

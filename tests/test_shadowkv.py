@@ -12,10 +12,10 @@ from localkv.kernels import lowrank_rope_ref
 from localkv.models.rope import apply_rotary
 from localkv.offload import make_cache
 from localkv.offload.pages import PageGeometry
-from localkv.offload.policies.selection import ChunkBuffer, budget_chunks, select_chunks
-from localkv.offload.policies.shadowkv_fetch import StoreChunks
-from localkv.offload.policies.shadowkv_index import ChunkIndex
-from localkv.offload.policies.shadowkv_lowrank import LowRankKeys
+from localkv.offload.policies.shadowkv.selection import ChunkBuffer, budget_chunks, select_chunks
+from localkv.offload.policies.shadowkv.fetch import StoreChunks
+from localkv.offload.policies.shadowkv.index import ChunkIndex
+from localkv.offload.policies.shadowkv.lowrank import LowRankKeys
 from localkv.offload.store import Budgets, KVStore
 
 V = 100  # vocabulary of the tiny models
@@ -359,7 +359,7 @@ def test_planner_counts_the_index_and_refuses_what_cannot_fit(monkeypatch):
     from localkv.bench.shapes import shape_args
     from localkv.errors import ContextOverflowError
     from localkv.offload.planner import make_plan
-    from localkv.offload.policies.shadowkv import plan_bytes
+    from localkv.offload.policies.shadowkv.cache import plan_bytes
 
     args = shape_args("llama3-8b")
     index, _ = plan_bytes(args, 128 * 1024, 2)
@@ -369,13 +369,13 @@ def test_planner_counts_the_index_and_refuses_what_cannot_fit(monkeypatch):
     exact = make_plan(args, 128 * 1024, policy="exact", device="cpu", kv_dtype=torch.bfloat16,
                       weights_bytes=0, gpu_mem=8 * 2**30, cpu_mem=64 * 2**30)
     assert plan.gpu.budget == exact.gpu.budget - index
-    assert plan.index_tier == "gpu" and exact.index_tier is None
+    assert plan.policy_options == {"index_tier": "gpu"} and exact.policy_options == {}
     with pytest.raises(ContextOverflowError, match="shadowkv index"):
         make_plan(args, 1 << 20, policy="shadowkv", device="cpu", kv_dtype=torch.bfloat16,
                   weights_bytes=0, gpu_mem=8 * 2**30, cpu_mem=64 * 2**30)
 
     from localkv.offload import planner
-    from localkv.offload.policies.shadowkv import host_part_bytes
+    from localkv.offload.policies.shadowkv.cache import host_part_bytes
 
     monkeypatch.setattr(planner, "machine_budgets", lambda *a: (0, 0, 0))   # no GPU here: budgets given below
     u, landmarks = host_part_bytes(args, 1 << 20, 2)
@@ -384,6 +384,6 @@ def test_planner_counts_the_index_and_refuses_what_cannot_fit(monkeypatch):
     plan = make_plan(args, 1 << 20, cpu_mem=100 * 2**30, disk_mem=100 * 2**30, disk="/tmp/unused", **kw)
     assert plan.cpu.budget == 100 * 2**30 - u - landmarks
     assert any("pinned CPU memory" in note for note in plan.notes)
-    assert plan.index_tier == "cpu"       # what localkv.load passes to the policy as its index_tier
+    assert plan.policy_options == {"index_tier": "cpu"}   # what localkv.load passes to the policy as its index_tier
     with pytest.raises(ContextOverflowError, match="shadowkv index"):
         make_plan(args, 1 << 20, cpu_mem=16 * 2**30, **kw)

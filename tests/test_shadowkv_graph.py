@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from localkv.offload import make_cache
-from localkv.offload.policies.shadowkv_graph import ShadowKVGraphView, plain_step
+from localkv.offload.policies.shadowkv.graph import ShadowKVGraphView, plain_step
 from localkv.offload.store import Budgets
 from localkv.runtime.graphs import DecodeGraphs
 from test_shadowkv_gpu import _model
@@ -109,7 +109,7 @@ def test_decode_graphs_over_shadowkv_prepare_ahead(monkeypatch):
     an edit (truncate, prefill) in between invalidates them. Logits equal a twin decoding eagerly."""
     from fake_graphs import cpu_graphs
 
-    from localkv.offload.policies.shadowkv import ShadowKV
+    from localkv.offload.policies.shadowkv.cache import ShadowKV
 
     monkeypatch.setattr(ShadowKV, "static_view", lambda self, rows, length: (
         ShadowKVGraphView(self, self.length, length) if plain_step(self) else None))

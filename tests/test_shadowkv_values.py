@@ -56,7 +56,7 @@ def test_prefill_sees_the_prefix_through_the_index(tiny, tmp_path, monkeypatch):
     and budget that is exact attention, through chunked prefill, decode, and older chunks becoming outliers (their
     keys rebuilt). At rank 8 the prefix's keys are exact where the layer holds them (sink, outliers, recent window)
     and rebuilt from U and SV elsewhere."""
-    from localkv.offload.policies.shadowkv_layer import ShadowKVLayer
+    from localkv.offload.policies.shadowkv.layer import ShadowKVLayer
 
     late = []   # outlier chunks chosen after they were sealed and not held: their exact keys were gone
     real = ShadowKVLayer._outlier_kv
@@ -175,7 +175,7 @@ def test_planner_counts_values_only(monkeypatch):
               cpu_mem=100 * 2**30)
     plan = make_plan(args, 1 << 20, options={"exact_keys": False}, **kw)
     assert plan.kv_bytes_per_token * (1 << 20) == pytest.approx(68.7e9, rel=1e-3)
-    assert plan.gpu.tokens + plan.cpu.tokens == 1 << 20 and plan.disk.tokens == 0 and plan.index_tier == "cpu"
+    assert plan.gpu.tokens + plan.cpu.tokens == 1 << 20 and plan.disk.tokens == 0 and plan.policy_options["index_tier"] == "cpu"
     assert 60e9 < plan.cpu.bytes < 68.7e9 and any("values only" in note for note in plan.notes)
     both = make_plan(args, 1 << 20, disk="/tmp/unused", disk_mem=100 * 2**30, **kw)
     assert both.kv_bytes_per_token == 2 * plan.kv_bytes_per_token and both.disk.tokens > 0

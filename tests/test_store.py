@@ -155,7 +155,7 @@ def test_host_that_cannot_pin_is_a_clear_error(monkeypatch):
     size and what it was for, for the store's CPU pages and ShadowKV's host index alike."""
     from localkv.errors import ContextOverflowError
     from localkv.offload import pages
-    from localkv.offload.policies.shadowkv_index import index_zeros
+    from localkv.offload.policies.shadowkv.index import index_zeros
 
     real_empty = torch.empty
 

@@ -8,7 +8,7 @@ This is the exact policy's floor: it reads the whole context every step. The thr
 the PCIe link and the disk (behind the same link) do not overlap with each other; compute is assumed hidden.
 A sparse policy is put against the same floor, so its ratio below 1 says how far under exact attention it gets.
 The weights alone (``decode_floor_s(weights, {}, ...)``) are the floor no policy goes under: sparse policies'
-goals are stated against it (ShadowKV: within 2x at 128K).
+goals are stated against it (a sparse policy at 128K: within 2x).
 """
 
 from __future__ import annotations

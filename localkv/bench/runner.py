@@ -23,7 +23,7 @@ from ..errors import ContextOverflowError, UserError
 from ..models.args import ModelArgs
 from ..models.loader import LoadedModel
 from ..offload.planner import GPU_HEADROOM_BYTES, Plan, make_plan
-from ..offload.policies import POLICIES
+from ..offload import policies as registry
 from ..offload.store import Budgets
 from ..runtime import Engine
 from ..units import format_tokens
@@ -44,15 +44,15 @@ class BenchConfig:
 
     ctxs: list[int]
     """Context sizes in tokens."""
-    policies: list[str] = field(default_factory=lambda: ["exact"])
+    policies: list[str] = field(default_factory=lambda: [registry.DEFAULT])
     model: str | None = None
     """A real model (embedded name, GGUF file, HF directory); None with no ``shape``: the embedded default."""
     shape: str | None = None
     """A named architecture (``shapes.SHAPES``) with random weights, instead of ``model``."""
     budgets: list[tuple[str, int | float]] = field(default_factory=list)
-    """(as typed, value) pairs passed as ``budget=`` to every policy but exact, one row each."""
+    """(as typed, value) pairs passed as ``budget=`` to every sparse policy, one row each."""
     options: dict[str, Any] = field(default_factory=dict)
-    """Options passed to every policy but exact (``--policy-opt``), e.g. ``{"exact_keys": False}``."""
+    """Options passed to every sparse policy (``--policy-opt``), e.g. ``{"budget": 1/16}``."""
     gpu_mem: int | None = None
     cpu_mem: int | None = None
     gpu_cap: int | None = None
@@ -79,9 +79,7 @@ class Variant:
 def variants(config: BenchConfig) -> list[Variant]:
     out = []
     for policy in config.policies:
-        if policy not in POLICIES:
-            raise UserError(f"unknown policy {policy!r} (available: {', '.join(POLICIES)})")
-        if policy == "exact":
+        if not registry.get(policy).sparse:
             out.append(Variant(policy, {}, policy))
             continue
         label = " ".join([policy] + [f"{k}={v}" for k, v in config.options.items()])
@@ -94,9 +92,9 @@ def variants(config: BenchConfig) -> list[Variant]:
 
 
 def _plans(config: BenchConfig, args: ModelArgs, source: str, device: torch.device, dtype: torch.dtype,
-           policies: list[str]) -> dict[tuple[int, str], Plan]:
+           names: list[str]) -> dict[tuple[int, str], Plan]:
     """The tier plan of every (context, policy), as `localkv.load` makes it: a policy's plan counts what it keeps
-    on the GPU besides pages (ShadowKV's index) and decides where that goes. Peers' rows use exact's."""
+    on the GPU besides pages (an index) and decides where that goes. Peers' rows use the reference's."""
     weights = args.n_params() * dtype.itemsize
     gpu_mem = config.gpu_mem
     if gpu_mem is None and config.gpu_cap is not None and device.type == "cuda":
@@ -105,13 +103,13 @@ def _plans(config: BenchConfig, args: ModelArgs, source: str, device: torch.devi
     user_tiers = config.gpu_mem is not None or config.cpu_mem is not None or config.disk is not None
     plans = {}
     for n in config.ctxs:
-        for policy in dict.fromkeys(["exact", *policies]):
+        for policy in dict.fromkeys([registry.REFERENCE, *names]):
             try:
                 plan = make_plan(args, n + extra, model=source, policy=policy, device=device, kv_dtype=dtype,
                                  weights_bytes=weights, gpu_mem=gpu_mem, cpu_mem=config.cpu_mem, disk=config.disk,
-                                 options=None if policy == "exact" else config.options)
+                                 options=config.options if registry.get(policy).sparse else None)
             except ContextOverflowError as e:
-                if policy == "exact" and "exact" not in policies:
+                if policy == registry.REFERENCE and registry.REFERENCE not in names:
                     continue   # planned only for the peers' rows, which then say the context does not fit
                 raise ContextOverflowError(
                     f"--ctx {format_tokens(n)} (+{extra} decoded tokens), {policy}: {e}") from None
@@ -151,9 +149,7 @@ def run_policy(loaded: LoadedModel, variant: Variant, ctx: int, plan: Plan, conf
     """Fill ``ctx`` tokens under one policy and its plan, decode ``warmup`` then ``steps`` tokens; the row."""
     model = loaded.model
     args, device, dtype = model.args, model.device, model.dtype
-    options = dict(variant.options)
-    if plan.index_tier and "index_tier" not in options:
-        options["index_tier"] = plan.index_tier   # the planner decided it, as `localkv.load` passes it on
+    options = {**plan.policy_options, **variant.options}   # the planner's choices, as `localkv.load` passes them
     engine = Engine(loaded, ctx_tokens=ctx + config.warmup + config.steps + 1, policy=variant.policy,
                     prefill_chunk=_chunk(config, device), budgets=_budgets(plan), kv_dtype=dtype, **options)
     seq = engine.new_sequence()
@@ -273,10 +269,10 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda _: N
             plan = plans[ctx, v.policy]
             record(v.label, ctx, plan, lambda: run_policy(loaded, v, ctx, plan, config, ceilings, progress))
         for kind in PEER_CACHES if hf is not None else ():
-            if (ctx, "exact") not in plans:
+            if (ctx, registry.REFERENCE) not in plans:
                 result["rows"].append(failed_row(f"hf {kind}", ctx, "n/a (past every tier)"))
                 continue
-            record(f"hf {kind}", ctx, plans[ctx, "exact"], lambda: peer_row(
+            record(f"hf {kind}", ctx, plans[ctx, registry.REFERENCE], lambda: peer_row(
                 hf, kind, model, ctx, synthetic=config.synthetic_kv, warmup=config.warmup, steps=config.steps,
                 chunk=_chunk(config, device), ceilings=ceilings))
     sync(device)

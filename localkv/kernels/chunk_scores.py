@@ -32,10 +32,10 @@ interpreter programs run one after another, so there P = 1 per head.
 The query-token count and head dim are compile-time constants, so their masks fold away: 0.1-0.2 µs of a
 16K-chunk call, mostly the per-row predicates of the landmark loads.
 
-On an H100 (Llama-3.1-8B shapes, graphed, L2 cold; docs/benchmarks.md, "Eleventh session" to "Fourteenth
-session"): 16K chunks in 15.5 µs, 73% of the HBM copy rate in scripts/bench_kernels.py over three runs; 128K
-chunks (1M tokens) in 107.5 µs, 84-85%. Graphs of 8 calls on an idle GPU, as timed until the fourteenth session,
-add 0.5-0.9 µs a call: 16.1-16.5 µs there, against 19.2 µs for the counter barrier this wait replaced.
+On an H100 (Llama-3.1-8B shapes, graphed, L2 cold; scripts/bench_kernels.py, docs/benchmarks.md "Kernels"):
+16K chunks in 15.5 µs, 73% of the HBM copy rate, over three runs; 128K chunks (1M tokens) in 107.5 µs, 84-85%.
+Timed as a graph of 8 calls alone on an idle GPU, which adds the host's queueing and the graph's start,
+0.5-0.9 µs a call: 16.1-16.5 µs, against 19.2 µs for a counter barrier in place of the published words.
 """
 
 from __future__ import annotations
@@ -47,13 +47,13 @@ from ._common import KERNEL_CALLS, _dot, check, dot_flags, interpreting, n_sms, 
 KEEP_SCORES = 2048
 """Raw scores (real rows x span, one query token) a program keeps in registers rather than in the scratch: 32 fp32
 a thread at 2 warps. An H100's spans at 16K chunks are 512 chunks, kept with G = 4: 16.1-16.5 µs against
-16.9-17.3 µs through the scratch, both with stats per tile, in one run (docs/benchmarks.md)."""
+16.9-17.3 µs through the scratch, both with stats per tile, in one run (graphs of 8 calls on an idle GPU)."""
 
 TILE = {"block_c": 64, "warps": 2, "stages": 3, "per_sm": 2}
 """Landmark tile and programs: chunks per loop step, warps, pipeline stages, most programs per SM. Swept on
-an H100 (scripts/sweep_kernels.py --scores-only; 16K and 128K chunks). With the counter barrier, 2 warps with 3
-stages beat 4-8 warps at every tile, and 2 programs per SM beat 4 at 16K chunks; with the published words, the
-best tiles are within the ~0.5 µs that runs differ by (docs/results/sweep_scores_s11.log)."""
+an H100 at 16K and 128K chunks, graphed: 2 warps with 3 stages beat 4-8 warps at every tile, and 2 programs per
+SM beat 4 at 16K chunks; 4 warps, 128-chunk tiles, 4 stages or 3 programs per SM come within the ~0.5 µs that
+runs differ by, no better."""
 
 
 @triton.jit

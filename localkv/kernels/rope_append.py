@@ -2,9 +2,9 @@
 
 At decode a layer's own tokens are a few hundred bytes, and each thing done to them is a kernel: rotate the
 queries, rotate the keys, write K and V into the open page of the store, write them again into the exact
-dense buffer attention reads, park the pre-RoPE key for the low-rank basis (in fp32). In a ShadowKV graphed
-step that was eight kernels a layer of about 2 µs each, all launch latency (H100 profile,
-docs/benchmarks.md); this op is one.
+dense buffer attention reads, park the pre-RoPE key for the low-rank basis (in fp32). Done one by one, in a
+ShadowKV graphed step, that is eight kernels a layer of about 2 µs each, all launch latency (torch profiler,
+H100, a 128K step); this op is one.
 
 Inputs ``q (T, Hq, D)``, ``k, v (T, Hkv, D)`` before RoPE, the positions' tables ``cos, sin (T, D)``.
 Each destination is ``(k_buf, v_buf, row)``: buffers ``(Hkv, N, D)`` and ``row (1,)`` int64 on the device, the

@@ -29,8 +29,8 @@ from .topk_ids import NEG_INF_KEY, _kth_largest, _take_top
 
 WARPS = 4
 """Warps of a program (one KV head). On an H100 at the 128K step's shape (8 heads, 257 chunks into 514 slots,
-`scripts/sweep_decode_ops.py`, graphed, one run): 5.1 µs at 4 warps, 5.0 at 8, 5.5 at 16; the sort of every
-slot that this search replaced took 11.0 in the same run, and the torch reference 132.5."""
+graphed, one run): 5.1 µs at 4 warps, 5.0 at 8, 5.5 at 16; a sort of every slot took 11.0 in the same run, and
+the torch reference 132.5."""
 
 
 @triton.jit

@@ -11,7 +11,8 @@ more than one pass of real work, so one program per row does it as a *radix sele
    block reduction, mostly latency, so each counts at two thresholds in one reduction (the two counts packed
    in one int32) and keeps a third of the bracket. The search stops as soon as T is the largest or the
    smallest key in its bracket, which one more reduction finds: 9.0 reductions a row in all on rows shaped
-   like a 128K step's (`scripts/sim_topk_search.py`), where searching the key range down to one key took 22.
+   like a 128K step's (the search replayed in Python on such rows), where searching the key range down to one
+   key takes 22.
 3. Compact in id order: every key > T, then the first ``k - #(key > T)`` keys equal to T (ties go to
    the lowest ids). One scan, of both counts packed in an int32, gives each taken element its output slot.
 
@@ -31,14 +32,13 @@ MAX_BLOCK = 16384
 
 ALIGN = 16
 """Columns a caller pads rows to (`topk_ids`'s ``valid``). Triton vectorizes a row's loads only when it can
-prove the row length and the row stride multiples of 16. On an H100 (`scripts/sweep_decode_ops.py --topk-only`,
-graphed, one run; 8 rows of landmark scores, k = 257): 17.7 µs at 16,384 columns, 21.5 at 16,380.
-(Before the compaction's two scans became one: 21.3 against 34.9 in the ninth session's run.)"""
+prove the row length and the row stride multiples of 16. On an H100 (graphed, one run; 8 rows of landmark
+scores, k = 257): 17.7 µs at 16,384 columns, 21.5 at 16,380 (docs/benchmarks.md, "Kernels")."""
 
 WARPS = 8
 """Warps of a program whose block is 8K scores or more (4 below that). On an H100 at the 128K ShadowKV shape
-(8 rows of 16,384 landmark scores, k = 257; scripts/sweep_decode_ops.py, graphed, one run): 17.7 µs at 8 warps,
-18.8 at 16, 31.1 at 4; the kernel before, whose compaction took two scans, 21.7 at 8."""
+(8 rows of 16,384 landmark scores, k = 257; graphed, one run): 17.7 µs at 8 warps, 18.8 at 16, 31.1 at 4; with
+a compaction of two scans rather than one, 21.7 at 8."""
 
 
 @triton.jit
@@ -132,8 +132,8 @@ def _kth_largest(s_ptr, e_ptr, keys, N, NV, k, BLOCK_N: tl.constexpr, ONE_BLOCK:
     # one reduction, and keeps the third that holds T. It stops as soon as T is an end of the keys in the
     # bracket: the largest when k - c_hi == 1 (T is the first key below the c_hi above hi), the smallest when
     # c_lo == k (every key >= lo is taken). On a 128K step's rows that comes after 7 steps on average, 10 at
-    # most (scripts/sim_topk_search.py); at worst it takes the bracket down to one key, 21 steps for the 2^32
-    # keys (3^21 > 2^32, checked for this rounding).
+    # most (the search replayed in Python on such rows); at worst it takes the bracket down to one key, 21 steps
+    # for the 2^32 keys (3^21 > 2^32, checked for this rounding).
     while (lo < hi) & (k - c_hi != 1) & (c_lo != k):
         d = hi - lo
         a = lo + (d + 2) // 3

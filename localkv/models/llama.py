@@ -27,8 +27,8 @@ def pack(weights: list[torch.Tensor]) -> torch.Tensor:
 
     - CPU (MKL's gemv, the 2-core dev machine), for matrices with more outputs than inputs: 19.5 against
       11.8 GB/s for 30 layers of 3072x576; the lm_head 23 against 10 GB/s.
-    - H100 (cuBLAS, one token, graphed; scripts/sweep_decode_ops.py, docs/results/sweep_decode_ops_h100.log):
-      Llama-3.1-8B's o 14.9 against 16.5 µs, gate|up 83.1 against 85.1, lm_head 359 against 380; qkv and
+    - H100 (cuBLAS, one token, graphed, weights rotating through copies larger than L2, both layouts in one
+      run): Llama-3.1-8B's o 14.9 against 16.5 µs, gate|up 83.1 against 85.1, lm_head 359 against 380; qkv and
       down within 3%. So on a GPU the o and down projections are stored so too (`Attention.fuse`, `MLP.fuse`).
 
     Slices of the result are views, so the separate projections keep their names without a second copy.

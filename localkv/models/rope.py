@@ -11,7 +11,7 @@ YaRN, multiply cos/sin by an attention factor):
 - yarn:    a per-dimension blend of interpolated and extrapolated frequencies, cos/sin scaled
            by ``0.1 * ln(factor) + 1``
 
-Keys are stored unrotated by the policies that need pre-RoPE keys (ShadowKV's low-rank factorisation), so
+Keys are stored unrotated by the policies that need pre-RoPE keys (a low-rank factorisation of keys), so
 the rotation is a helper anyone can call for any positions, not something the model bakes into its cache.
 """
 

@@ -2,6 +2,6 @@
 the placement planner, sessions on disk, and the policies that are views over it."""
 
 from .kv import KVCache, LayerKV
-from .policies import POLICIES, make_cache
+from .policies import make_cache
 
-__all__ = ["KVCache", "LayerKV", "POLICIES", "make_cache"]
+__all__ = ["KVCache", "LayerKV", "make_cache"]

@@ -37,10 +37,16 @@ def _aligned_buffer(nbytes: int) -> memoryview:
 
 
 def check_writable(directory: Path) -> None:
-    """Fail early, before any work, when ``directory`` cannot hold KV pages."""
+    """Fail early, before any work, when ``directory`` cannot hold KV pages. Creates nothing: a directory not yet
+    there is checked through its nearest existing parent, so a run or plan that stops later leaves no trace."""
+    directory = Path(directory)
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / ".localkv-write-test"
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, f"{existing} is not a directory")
+        probe = existing / f".localkv-write-test-{os.getpid()}"
         with open(probe, "wb") as f:
             f.write(b"\0" * DISK_ALIGN)
         probe.unlink()

@@ -3,7 +3,7 @@
 A page holds ``page_tokens`` consecutive tokens of one layer, K and V of every KV head, laid out
 ``(2, Hkv, page_tokens, D)``: K at [0], V at [1], and within each a run of tokens of one head is contiguous
 (``page_tokens * D`` elements), so sub-runs of a page can be gathered straight from pinned memory. A store of
-values only (``parts=1``: ShadowKV with ``exact_keys=False``, which rebuilds keys from its low-rank index) has
+values only (``parts=1``: for a policy that rebuilds keys from an index of its own, `Policy.store_parts`) has
 pages ``(1, Hkv, page_tokens, D)``, V at [0]; `PageGeometry.part_index` says where K or V sits in either.
 KV is append-only: a full ("sealed") page never changes, so a page written to disk is never dirty.
 The page being filled (the "open" page of each layer) stays in device memory until it is full.

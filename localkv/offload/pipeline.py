@@ -15,9 +15,9 @@ On a machine without a GPU the same schedule runs with host memory as the device
 in place, disk pages are read by the threads into ring slots.
 
 Disk reads: plain threads calling ``os.preadv`` (O_DIRECT) into preallocated pinned buffers, kept because
-they were faster than ``aiofiles`` on the GPU machine's disk, measured in one run of
-``scripts/bench_store.py`` (H100 machine, virtio disk, 2 GiB file, 1 MiB requests, 8 in flight, 2026-11-23):
-preadv threads 2.03 GB/s, aiofiles 1.25 GB/s (earlier runs: 1.58 / 1.02, 1.69 / 0.98 and 1.94 / 1.31). aiofiles runs the
+they are faster than ``aiofiles`` on the GPU machine's disk, as ``scripts/bench_store.py`` measures both in one
+run (H100 machine, virtio disk, 2 GiB file, 1 MiB requests, 8 in flight): preadv threads 2.03 GB/s, aiofiles
+1.25 GB/s (1.58-1.94 against 0.98-1.31 in other runs of the same script). aiofiles runs the
 same blocking read in a thread pool behind an asyncio loop, through the page cache, and hands back a bytes
 object that must then be copied into the pinned buffer.
 """

@@ -14,8 +14,8 @@ Each layer has an equal share of every tier's budget (all layers hold the same t
 sit in consecutive slots of that layer's arenas and files: a run of them moves in one copy or one read.
 When neither tier below has room the store refuses with ContextOverflowError: a context past every tier.
 
-A store made with ``gpu_values=True`` (for a policy whose decode reads only V from the store: ShadowKV with
-exact keys) spends its GPU budget on copies of pages' values, twice the tokens a page of K and V would hold.
+A store made with ``gpu_values=True`` (for a policy whose decode reads only V from the store, `Footprint.gpu_values`)
+spends its GPU budget on copies of pages' values, twice the tokens a page of K and V would hold.
 Every sealed page then has its *home*, K and V, in the CPU tier or on disk, and the GPU tier caches the values
 of the newest pages: sealing writes the page home and its V to the GPU while there is room, and a full GPU tier
 drops its oldest copy (nothing to move: the home has it). `locate` says where a page's keys or values are read.
@@ -107,6 +107,7 @@ class KVStore:
             from .disk import check_writable
 
             check_writable(Path(budgets.disk_dir))
+            Path(budgets.disk_dir).mkdir(parents=True, exist_ok=True)
             # Each store has its own scratch directory, removed with the store.
             scratch = Path(tempfile.mkdtemp(prefix="kv-", dir=budgets.disk_dir))
             self.disk = DiskTier(geometry, scratch, max_pages)

@@ -21,7 +21,7 @@ import torch
 
 from ..errors import ContextOverflowError
 from ..models.loader import LoadedModel
-from ..offload import KVCache, make_cache
+from ..offload import KVCache, make_cache, policies
 from .detok import IncrementalDetokenizer, StopMatcher
 from .events import Done, Event, PrefillProgress, TokenEvent
 from .graphs import DecodeGraphs
@@ -30,8 +30,8 @@ from .sampling import Sampler, SamplingParams
 
 STATS_INTERVAL_S = 0.25
 """Least time between two token events that carry the cache's stats: reading them walks every layer on the
-host (about 0.45 ms for ShadowKV over 32 layers, `scripts/probe_host.py`), time the GPU would wait for each
-token."""
+host (about 0.45 ms for ShadowKV over 32 layers, measured on one core of the 2-core development machine),
+time the GPU would wait for each token."""
 
 
 @dataclass
@@ -75,7 +75,7 @@ class Sequence:
 class Engine:
     """Runs one loaded model under one KV policy."""
 
-    def __init__(self, loaded: LoadedModel, *, ctx_tokens: int, policy: str = "exact",
+    def __init__(self, loaded: LoadedModel, *, ctx_tokens: int, policy: str = policies.DEFAULT,
                  prefill_chunk: int | None = None, budgets=None, kv_dtype: torch.dtype | None = None,
                  cuda_graphs: bool = True, **policy_options):
         self.loaded = loaded

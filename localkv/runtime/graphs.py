@@ -9,13 +9,14 @@ through fixed row counts: one graph per bucket, rows rounded up to a step of 1K 
 length, whichever is larger, so attention is laid out over few rows more than are filled (and skips those).
 
 Graphs serve caches that offer ``static_view``: the exact policy with the KV whole on the GPU, and ShadowKV
-(`offload.policies.shadowkv_graph`), whose view serves every length with one graph while its ``buffers``
+(`offload.policies.shadowkv.graph`), whose view serves every length with one graph while its ``buffers``
 signature holds, runs host bookkeeping after each replay (``replayed``) and saves the sums its warm-up run
 adds (``save`` / ``restore``). The tiered exact policy decodes eagerly.
 
 Deciding whether the next step can replay, and with which graph, is host work (about 0.34 ms for ShadowKV
-over 32 layers on a CPU core, `scripts/probe_host.py`). It is done for step t+1 right after step t's replay is
-launched, while the GPU runs it; `KVCache.epoch` says whether anything touched the cache in between.
+over 32 layers, measured on one core of the 2-core development machine). It is done for step t+1 right after
+step t's replay is launched, while the GPU runs it; `KVCache.epoch` says whether anything touched the cache in
+between.
 """
 
 from __future__ import annotations

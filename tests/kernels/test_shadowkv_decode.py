@@ -53,7 +53,7 @@ def test_graphed_step_through_kernels_matches_eager_references(monkeypatch, kern
     parking its key) through the kernels, against eager decode through the references."""
     from test_model import _hf_and_ours
 
-    from localkv.offload.policies.shadowkv_graph import ShadowKVGraphView, plain_step
+    from localkv.offload.policies.shadowkv.graph import ShadowKVGraphView, plain_step
 
     _, model, args = _hf_and_ours("llama", max_pos=4096)
     model = model.to(DEVICE, torch.float32)

@@ -1,0 +1,176 @@
+"""Chunks of one layer's keys or values read out of the tiered store into device slots, wherever they live.
+
+Page p of a layer holds tokens ``p*P ..``; chunk c (tokens ``c*C ..``, C dividing P) sits in page ``c*C // P``
+at token offset ``o = c*C % P``. A page is ``(parts, Hkv, P, D)`` (K and V, or V alone) with each head's tokens
+contiguous, so a chunk of one head is one run of ``C*D`` elements. An arena of n pages (one tensor of a tier's
+pool) is seen as a buffer ``(Hkv, rows, D)`` with head stride ``P*D`` and token stride ``D`` (the view
+`block_attention_lse` uses); in it the chunk at offset o of the page in arena slot s is chunk number
+``(s*parts*Hkv*P + o) / C``, counted from the K (or, shifted by ``Hkv*P*D`` elements, the V) of slot 0. The
+segments of a layer are the arenas of its GPU-tier and CPU-tier pages and its open page (one page, on the
+device), a handful, listed on the host when the layer's pages change, with a device page table (each page's
+segment and first chunk number there). There is one list and one table per part: a store whose GPU tier
+caches values (`KVStore.gpu_values`) reads a page's values from that copy and its keys from the page's home.
+One `kernels.gather_pages` launch then moves every requested chunk of the layer from whichever segment holds
+it, read by the GPU straight from pinned memory for the CPU tier.
+
+Pages on disk need the host: when a layer has any, the requested chunks are read back once (one sync for the
+layer) and their pages read through the store. The counts of chunks moved per tier accumulate on the device.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from ....kernels import gather_pages, segment_addresses
+from ....kernels.gather_pages import DISK_KIND
+from ...pages import KEYS, VALUES, PageGeometry
+from ...store import CPU, DISK, GPU, KVStore
+
+DEVICE_TIER, CPU_TIER, DISK_TIER = 0, 1, DISK_KIND  # rows of the ``moved`` counters: chunks read from each
+
+
+def _addresses(segments: dict[int, list[tuple[int, torch.Tensor, PageGeometry]]]) -> list:
+    return [(part, [(k, a.data_ptr()) for k, a, _ in segs]) for part, segs in sorted(segments.items())]
+
+
+def _arena_view(arena: torch.Tensor, index: int) -> torch.Tensor:
+    """Pages (n, parts, Hkv, P, D) seen as (Hkv, rows, D) chunk buffers of their part at ``index``."""
+    n, parts, Hkv, P, D = arena.shape
+    rows = ((n - 1) * parts * Hkv + 1) * P   # up to the last page's keys/values of the last head, within storage
+    return arena.as_strided((Hkv, rows, D), (P * D, D, 1), arena.storage_offset() + index * Hkv * P * D)
+
+
+class StoreChunks:
+    """Reads chunks of one layer out of ``store``: `fetch` into slots, `token_keys` as runs."""
+
+    def __init__(self, store: KVStore, layer: int, chunk_tokens: int):
+        self.store, self.layer, self.C = store, layer, chunk_tokens
+        self.stale = True
+        self.n_pages = -1
+        self.segments: dict[int, list[tuple[int, torch.Tensor, PageGeometry]]] = {}   # per part: kind, arena, its pages
+        self.seg_of: dict[int, torch.Tensor] | None = None
+        self.base: dict[int, torch.Tensor] | None = None
+
+    def _table(self) -> None:
+        """(Re)build the page tables: per part, the segment of each page and its first chunk's number there."""
+        store, layer = self.store, self.layer
+        pages = store.pages[layer]
+        if not self.stale and len(pages) == self.n_pages:
+            return
+        parts = (KEYS, VALUES) if store.geometry.parts == 2 else (VALUES,)
+        apart = (KEYS, VALUES) if store.gpu_values else (VALUES,)   # parts whose pages can sit in other tiers
+        tables = {part: self._part_table(part) for part in apart}
+        # The tables are rewritten in place (grown by doubling), so a graphed step captured over them reads the
+        # new pages of a later seal; the segments themselves are part of its `signature`.
+        dev, m = store.device, len(pages) + 1
+        if self.seg_of is None or self.seg_of[VALUES].numel() < m:
+            size = max(m, 64, 2 * (self.seg_of[VALUES].numel() if self.seg_of is not None else 0))
+            self.seg_of = {part: torch.full((size,), -1, dtype=torch.long, device=dev) for part in apart}
+            self.base = {part: torch.zeros(size, dtype=torch.long, device=dev) for part in apart}
+        for part, (_, seg_of, base) in tables.items():
+            self.seg_of[part][:m].copy_(torch.tensor(seg_of))   # page -> segment, -1: disk
+            self.base[part][:m].copy_(torch.tensor(base))       # page -> its first chunk
+        for part in parts:   # K where V is: the same tables, read through views of the other part
+            tables.setdefault(part, tables[VALUES])
+            self.seg_of.setdefault(part, self.seg_of[VALUES])
+            self.base.setdefault(part, self.base[VALUES])
+        segments = {part: t[0] for part, t in tables.items()}
+        if _addresses(segments) != _addresses(self.segments):
+            self.kind = {part: torch.tensor([k for k, _, _ in segs], dtype=torch.long, device=dev)
+                         for part, segs in segments.items()}
+            self.views = {part: [_arena_view(a, g.part_index(part)) for _, a, g in segs]
+                          for part, segs in segments.items()}
+            self.addr = {part: segment_addresses(views, dev) for part, views in self.views.items()}
+        self.segments = segments
+        self.has_disk = {part: -1 in t[1] for part, t in tables.items()}
+        self.n_pages = len(pages)
+        self.stale = False
+
+    def _part_table(self, part: int) -> tuple[list[tuple[int, torch.Tensor, PageGeometry]], list[int], list[int]]:
+        """(segments: kind, arena and the geometry of its pages; the segment of each page; the first chunk of each
+        page there) for reading ``part``. The open page is the last page and the last segment."""
+        store, layer, C = self.store, self.layer, self.C
+        per_slot = {tier: g.parts * g.n_kv_heads * g.page_tokens // C    # chunk numbers between arena slots
+                    for tier, g in ((GPU, store.gpu.geometry), (CPU, store.cpu.geometry))}
+        segments: list[tuple[int, torch.Tensor, PageGeometry]] = []
+        ids: dict[tuple[str, int], int] = {}
+        seg_of, base = [], []
+        for entry in store.pages[layer]:
+            tier, slot = store.locate(entry, part)
+            if tier == DISK:
+                seg_of.append(-1)
+                base.append(0)
+                continue
+            pool = store.gpu if tier == GPU else store.cpu
+            arena, s = divmod(slot, pool.arena_pages)
+            if (tier, arena) not in ids:
+                ids[tier, arena] = len(segments)
+                segments.append((DEVICE_TIER if tier == GPU else CPU_TIER, pool.arenas[layer][arena], pool.geometry))
+            seg_of.append(ids[tier, arena])
+            base.append(s * per_slot[tier])
+        seg_of.append(len(segments))
+        base.append(0)
+        segments.append((DEVICE_TIER, store.open[layer][None], store.geometry))
+        return segments, seg_of, base
+
+    def signature(self) -> tuple:
+        """What a graphed `fetch` has baked in: the segments and the tables' addresses."""
+        self._table()
+        parts = sorted(self.segments)
+        return (_addresses(self.segments), *(self.seg_of[p].data_ptr() for p in parts),
+                *(self.base[p].data_ptr() for p in parts), *(self.kind[p].data_ptr() for p in parts),
+                *(self.addr[p].data_ptr() for p in parts))
+
+    def fetch(self, part: int, chunks: torch.Tensor, dst: torch.Tensor, out: torch.Tensor,
+              moved: torch.Tensor | None = None) -> None:
+        """Copy chunks of keys (``part`` KEYS) or values (VALUES) into slots of ``out``: one `kernels.gather_pages`
+        launch for the pages on the device and in CPU memory, then the host for those on disk.
+
+        Args:
+            chunks: (Hkv, n) int64 chunk ids, all sealed or in the open page (below the layer's length).
+            dst: (Hkv, n) int64 slot in ``out`` per entry; -1 skips the entry.
+            out: (Hkv, n_slots*C, D) on the device, the store's dtype.
+            moved: optional (3,) int64 counters, chunks read from the device / CPU / disk tier, added to.
+        """
+        self._table()
+        C, P = self.C, self.store.geometry.page_tokens
+        gather_pages(self.views[part], self.seg_of[part], self.base[part], chunks, dst, out, chunk_tokens=C,
+                     page_tokens=P, addr=self.addr[part], kind=self.kind[part] if moved is not None else None,
+                     moved=moved)
+        if self.has_disk[part]:
+            seg = self.seg_of[part][chunks * C // P]
+            self._from_disk(part, chunks, torch.where(seg < 0, dst, -1), out)
+
+    def _from_disk(self, part: int, chunks: torch.Tensor, dst: torch.Tensor, out: torch.Tensor) -> None:
+        """The entries on disk (``dst`` >= 0): their pages read by the host through the store."""
+        h, j = (dst >= 0).nonzero(as_tuple=True)                # the one host sync, for layers with disk pages
+        if h.numel() == 0:
+            return
+        g = self.store.geometry
+        C, P, D = self.C, g.page_tokens, g.head_dim
+        tok = chunks[h, j] * C
+        pages, which = torch.unique(tok // P, return_inverse=True)
+        data = torch.stack([self.store.read_page(self.layer, int(p)) for p in pages.tolist()])  # (u, parts, Hkv, P, D)
+        data = data[:, g.part_index(part)]                                                       # (u, Hkv, P, D)
+        runs = data.reshape(len(pages), g.n_kv_heads, P // C, C * D)[which, h, (tok % P) // C]
+        out.view(g.n_kv_heads, -1, C * D)[h, dst[h, j]] = runs.to(out.device)
+
+    def token_runs(self, part: int, a: int, b: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """Keys (part KEYS) or values (VALUES) of tokens a..b-1 as (first position, (Hkv, t, D) on the device) runs,
+        page by page (a slow path: truncation, basis refresh, outliers that were not at hand)."""
+        store, P = self.store, self.store.geometry.page_tokens
+        index = store.geometry.part_index(part)
+        n_sealed = len(store.pages[self.layer])
+        pos = a
+        while pos < b:
+            p = pos // P
+            page = store.read_page(self.layer, p) if p < n_sealed else store.open_page(self.layer)
+            end = min(b, (p + 1) * P)
+            yield pos, page[index, :, pos - p * P:end - p * P]
+            pos = end
+
+    def invalidate(self) -> None:
+        """The layer's pages moved other than by sealing (truncation): list them again before the next fetch."""
+        self.stale = True
