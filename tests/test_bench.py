@@ -122,7 +122,7 @@ def test_policy_options_reach_the_plan_and_the_rows(tmp_path, monkeypatch, capsy
     make_plan = runner.make_plan
     monkeypatch.setattr(runner, "make_plan", lambda *a, **kw: planned.setdefault(kw["policy"], make_plan(*a, **kw)))
     code = main(["bench", "--shape", "tiny", "--ctx", "2K", "--synthetic-kv", "--policy", "shadowkv,exact",
-                 "--policy-opt", "exact_keys=false", "--budget", "1/8", "--gpu-mem", "1.5MB", "--disk",
+                 "--policy-opt", "exact_keys=false", "--budget", "1/8", "--gpu-mem", "3.5MB", "--disk",
                  str(tmp_path / "kv"), "--steps", "2", "--warmup", "1", "--json", str(tmp_path / "r.json")])
     assert code == 0, capsys.readouterr().err
     assert 2 * planned["shadowkv"].kv_bytes_per_token == planned["exact"].kv_bytes_per_token

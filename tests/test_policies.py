@@ -210,3 +210,18 @@ def test_nothing_outside_the_policies_names_one():
                 assert False, f"{path}: imports {node.module}"
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
                 assert node.value not in names, f"{path}:{node.lineno} names the policy {node.value!r}"
+
+
+def test_no_policy_imports_another():
+    """What sparse policies share lives beside the store (`offload.chunks`, `offload.streamed`): a policy's folder
+    imports no other policy's."""
+    folders = {n for n, p in _modules() if p.name == "__init__.py" and n.count(".") == 3
+               and n.startswith("localkv.offload.policies.")}
+    assert {"localkv.offload.policies.exact", "localkv.offload.policies.shadowkv"} <= folders
+    for name, path in _modules():
+        own = next((f for f in folders if name == f or name.startswith(f + ".")), None)
+        if own is None:
+            continue
+        for m in _module_level_imports(name, path):
+            other = next((f for f in folders if m == f or m.startswith(f + ".")), None)
+            assert other in (None, own), f"{path}: {name} imports {m}"

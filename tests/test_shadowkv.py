@@ -12,8 +12,8 @@ from localkv.kernels import lowrank_rope_ref
 from localkv.models.rope import apply_rotary
 from localkv.offload import make_cache
 from localkv.offload.pages import PageGeometry
-from localkv.offload.policies.shadowkv.selection import ChunkBuffer, budget_chunks, select_chunks
-from localkv.offload.policies.shadowkv.fetch import StoreChunks
+from localkv.offload.chunks import ChunkBuffer, StoreChunks
+from localkv.offload.policies.shadowkv.selection import budget_chunks, select_chunks
 from localkv.offload.policies.shadowkv.index import ChunkIndex
 from localkv.offload.policies.shadowkv.lowrank import LowRankKeys
 from localkv.offload.store import Budgets, KVStore
@@ -66,7 +66,8 @@ def test_full_budget_and_rank_equals_exact(tiny, tmp_path, tiers):
     ids = torch.randint(0, V, (int(torch.randint(500, 700, ())),))
     ref = make_cache("exact", args, 1024)
     got = make_cache("shadowkv", args, 1024, budgets=budgets, budget=1.0, rank=args.n_kv_heads * args.head_dim,
-                     page_tokens=32, window_tokens=48, block_tokens=64, refresh_error=0.0)
+                     page_tokens=32, window_tokens=48, block_tokens=64, refresh_error=0.0, sink_tokens=8,
+                     local_chunks=4)
     outs = []
     with torch.no_grad():
         for cache in (ref, got):
@@ -227,7 +228,7 @@ def test_chunks_are_fetched_from_every_tier(tmp_path, parts):
 
 
 # -- truncate, resume, chat -------------------------------------------------------------------------------
-OPTS = dict(budget=48, rank=8, page_tokens=32, window_tokens=48, refresh_error=0.0, block_tokens=64)
+OPTS = dict(budget=48, rank=8, sink_tokens=8, local_chunks=4, page_tokens=32, window_tokens=48, refresh_error=0.0, block_tokens=64)
 
 
 @pytest.mark.parametrize("tiers", ["device", "gpu_cpu_disk"])
@@ -302,7 +303,7 @@ def test_generation_far_past_the_window(tiny_llm, tmp_path):
     page_bytes = 2 * args.n_kv_heads * 32 * args.head_dim * 4 * args.n_layers
     engine = Engine(tiny_llm.loaded, ctx_tokens=2048, policy="shadowkv", measure_recall=True,
                     budgets=Budgets(2 * page_bytes, 8 * page_bytes, tmp_path), budget=64, page_tokens=32,
-                    window_tokens=64)
+                    window_tokens=64, sink_tokens=8, local_chunks=4)
     seq = engine.new_sequence()
     prompt = engine.encode_raw(_words(100))
     events = list(engine.generate(seq, prompt, GenerationParams(max_tokens=1200, stop_ids=[])))

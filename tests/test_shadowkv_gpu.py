@@ -12,7 +12,7 @@ from test_model import _hf_and_ours
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 PAGE = 32
-OPTS = dict(budget=48, page_tokens=PAGE, window_tokens=64, block_tokens=256)
+OPTS = dict(budget=48, sink_tokens=8, local_chunks=4, page_tokens=PAGE, window_tokens=64, block_tokens=256)
 
 
 def _model(device, dtype):

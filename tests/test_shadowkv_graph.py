@@ -11,7 +11,7 @@ from localkv.runtime.graphs import DecodeGraphs
 from test_shadowkv_gpu import _model
 
 PAGE = 32
-OPTS = dict(budget=48, page_tokens=PAGE, window_tokens=64, block_tokens=64)
+OPTS = dict(budget=48, sink_tokens=8, local_chunks=4, page_tokens=PAGE, window_tokens=64, block_tokens=64)
 
 
 @pytest.fixture(autouse=True)

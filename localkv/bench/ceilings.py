@@ -81,6 +81,7 @@ def disk_read_rate(directory: Path, n_bytes: int, request: int = 2**20, threads:
     Where the file system refuses O_DIRECT (tmpfs) the read is buffered, after dropping the file's cached pages.
     """
     n_bytes = max(request, n_bytes // request * request)
+    Path(directory).mkdir(parents=True, exist_ok=True)   # the run's disk tier goes here next: make it now
     path = Path(directory) / ".localkv-ceiling.bin"
     chunk = os.urandom(min(n_bytes, 64 * 2**20))  # the content is irrelevant; only the bytes' count matters
     try:

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..units import format_bytes, format_tokens
 
 _COLUMNS = ["ctx", "policy", "KV", "prefill tok/s", "ms/token", "p90", "floor ms", "ratio", "× weights", "GPU tier",
-            "CPU tier", "disk tier", "H2D/tok", "disk/tok", "hit rate"]
+            "CPU tier", "disk tier", "H2D/tok", "disk/tok", "hit rate", "needles"]
 
 
 def _num(value, spec: str = ",.1f", suffix: str = "") -> str:
@@ -29,7 +29,7 @@ def _cells(row: dict) -> list[str]:
         _num(row["floor_ms"]), _num(row["ratio"], ".2f", "x"), _num(row.get("ratio_weights"), ".2f", "x"),
         *(format_bytes(peak[t]) if t in peak else "n/a" for t in ("gpu", "cpu", "disk")),
         *(format_bytes(moved[k]) if k in moved else "n/a" for k in ("h2d", "disk_read")),
-        _num(row.get("hit_rate"), ".1%"),
+        _num(row.get("hit_rate"), ".1%"), _num(row.get("needle_recall"), ".2f"),
     ]
 
 

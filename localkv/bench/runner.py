@@ -30,6 +30,7 @@ from ..units import format_tokens
 from .ceilings import Ceilings, measure_ceilings
 from .measure import OOM, decode_times, sync, timed_prefill
 from .model import random_model, weights_bytes
+from .needles import Needles
 from .peer_hf import PEER_CACHES, hf_model, peer_row
 from .rows import failed_row, kv_bytes_per_token, make_row, moved_bytes, moved_per_token, peak_bytes, plain, tier_tokens
 from .shapes import shape_args
@@ -154,22 +155,24 @@ def run_policy(loaded: LoadedModel, variant: Variant, ctx: int, plan: Plan, conf
                     prefill_chunk=_chunk(config, device), budgets=_budgets(plan), kv_dtype=dtype, **options)
     seq = engine.new_sequence()
     try:
-        prefill_s = None
+        prefill_s, needles = None, None
         if config.synthetic_kv:
-            synth_fill(seq.cache, args, ctx, device=device, dtype=dtype)
+            needles = Needles.make(model, ctx, position=ctx + config.warmup + config.steps)
+            synth_fill(seq.cache, args, ctx, device=device, dtype=dtype, needles=needles)
         else:
             prefill_s = timed_prefill(engine, seq, ctx, progress)
         decode_times(engine, seq, config.warmup)
         before = moved_bytes(seq.cache.stats())
         times = decode_times(engine, seq, config.steps)
         stats = seq.cache.stats()
+        recall = needles.recall(model, seq.cache) if needles is not None else None
     except OOM:
         return failed_row(variant.label, ctx, "OOM")
     finally:
         del seq
     extra = {"policy": variant.policy, "options": plain(variant.options), "peak_bytes": peak_bytes(stats),
              "moved_bytes_per_token": moved_per_token(before, moved_bytes(stats), config.steps),
-             "hit_rate": stats.get("hit_rate"), "stats": plain(stats)}
+             "hit_rate": stats.get("hit_rate"), "needle_recall": recall, "stats": plain(stats)}
     if device.type == "cuda":
         extra["gpu_allocated_peak"] = torch.cuda.max_memory_allocated(device)
     return make_row(variant.label, ctx, "synthesized" if config.synthetic_kv else "prefill", prefill_s, times,

@@ -1,7 +1,9 @@
 """KV synthesized straight into the tiers, where a real prefill of the context would take too long.
 
 Random pages are written through ``cache.load_tokens``, the path sessions use to read KV back, so they land
-in the tiers exactly where a prefill would have put them. Decode speed does not depend on their values.
+in the tiers exactly where a prefill would have put them. Decode speed does not depend on their values;
+with `needles.Needles` some 16-token runs get keys a known decode step aligns with, to measure what a sparse
+policy finds.
 """
 
 from __future__ import annotations
@@ -10,19 +12,22 @@ import torch
 
 from ..models.args import ModelArgs
 from ..offload.kv import KVCache
+from .needles import Needles
 
 
 @torch.inference_mode()
 def synth_fill(cache: KVCache, args: ModelArgs, n_tokens: int, *, device: torch.device | str,
-               dtype: torch.dtype, chunk: int = 8192) -> None:
-    """Append ``n_tokens`` of random K and V to every layer of ``cache``, as a prefill would, computing nothing."""
+               dtype: torch.dtype, chunk: int = 8192, needles: Needles | None = None) -> None:
+    """Append ``n_tokens`` of random K and V to every layer of ``cache``, as a prefill would, computing nothing
+    (with ``needles`` planted)."""
     start = cache.reserve(n_tokens)
     for s in range(0, n_tokens, chunk):
         t = min(chunk, n_tokens - s)
         k = torch.randn(t, args.n_kv_heads, args.head_dim, device=device, dtype=dtype)  # (T, Hkv, D)
         v = torch.randn_like(k)
         for layer in range(args.n_layers):
-            cache.load_tokens(layer, start + s, k, v)
+            kl, vl = (k, v) if needles is None else needles.plant(layer, start + s, k, v)
+            cache.load_tokens(layer, start + s, kl, vl)
     cache.commit(n_tokens)
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()

@@ -6,7 +6,7 @@ CPU and as the test oracle. ``use_triton(*tensors)`` is that decision; ``KERNEL_
 """
 
 from ._common import KERNEL_CALLS, use_triton
-from .chunk_scores import chunk_scores, chunk_scores_ref
+from .chunk_scores import chunk_scores, chunk_scores_ref, quantize_minmax
 from .gather_pages import gather_pages, gather_pages_ref, segment_addresses
 from .gather_pinned import gather_pinned, gather_pinned_ref
 from .kv_quant import dequantize_page, dequantize_page_ref, quantize_page, quantize_page_ref
@@ -24,7 +24,7 @@ __all__ = [
     "KERNEL_CALLS", "use_triton",
     "sparse_attention", "sparse_attention_ref",
     "merge_attention", "merge_attention_ref", "merge_into", "merge_into_ref",
-    "chunk_scores", "chunk_scores_ref", "topk_ids", "topk_ids_ref", "assign_slots", "assign_slots_ref",
+    "chunk_scores", "chunk_scores_ref", "quantize_minmax", "topk_ids", "topk_ids_ref", "assign_slots", "assign_slots_ref",
     "lowrank_rope", "lowrank_rope_ref",
     "gather_pinned", "gather_pinned_ref", "gather_pages", "gather_pages_ref", "segment_addresses",
     "rms_norm", "rms_norm_ref", "add_rms_norm", "add_rms_norm_ref", "silu_mul", "silu_mul_ref",

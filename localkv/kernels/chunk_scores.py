@@ -7,7 +7,10 @@ Queries ``q (Tq, Hq, D)``; abstracts per KV head and chunk, one of:
   the query positions, max over the group). Values in [0, Tq].
 - **min/max keys** ``kmin, kmax (Hkv, C, D)`` (Quest / LeoAM upper bound): ``max_{g,t} Σ_d max(q_d kmin_d,
   q_d kmax_d)``, an upper bound of ``q·k`` over every key of the chunk, *unscaled*. Computed exactly as
-  ``q⁺·kmax + q⁻·kmin`` with ``q⁺ = max(q, 0)``, ``q⁻ = min(q, 0)``: two tensor-core dots.
+  ``q⁺·kmax + q⁻·kmin`` with ``q⁺ = max(q, 0)``, ``q⁻ = min(q, 0)``: two tensor-core dots. They may be int8
+  with a ``scale (Hkv, C)`` per chunk (``k ≈ k_int8 * scale``, kmin rounded down and kmax up by
+  `quantize_minmax`, so the bound still holds): half the bytes of bf16, the dots over the int8 values (exact in
+  the query's dtype) and the column scaled after.
 
 Returns ``(Hkv, C)`` fp32. Tile rows are ``m = g * TQ_PAD + t`` (group member, token), both padded to powers
 of two so the group reduction is a reshape.
@@ -60,11 +63,13 @@ runs differ by, no better."""
 def _minmax_scores_kernel(
     q_ptr, stride_qt, stride_qh,            # q (Tq, Hq, D): elements between tokens / heads; D contiguous
     kmin_ptr, kmax_ptr, stride_ah, stride_ac,  # kmin, kmax (Hkv, C, D), same strides
+    scale_ptr, stride_sh,                   # int8 abstracts: scale (Hkv, C) fp32 (unused otherwise)
     out_ptr, stride_outh,                   # scores (Hkv, C) fp32
     Tq, C,
     D: tl.constexpr,                        # head dim: known, its masks fold away when D = BLOCK_D
     G: tl.constexpr, G_PAD: tl.constexpr, TQ_PAD: tl.constexpr, BLOCK_M: tl.constexpr,  # BLOCK_M = G_PAD*TQ_PAD
     BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    SCALED: tl.constexpr,
 ):
     h = tl.program_id(0).to(tl.int64)      # KV head
     offs_m = tl.arange(0, BLOCK_M)
@@ -78,11 +83,16 @@ def _minmax_scores_kernel(
     q = tl.load(q_ptr + t[:, None] * stride_qt + (h * G + g)[:, None] * stride_qh + offs_d[None, :],
                 mask=valid_m[:, None] & mask_d[None, :], other=0.0).to(tl.float32)   # (BLOCK_M, BLOCK_D)
     at = h * stride_ah + offs_c[None, :] * stride_ac + offs_d[:, None]
-    kminT = tl.load(kmin_ptr + at, mask=mask_dc, other=0.0)                            # (BLOCK_D, BLOCK_C)
-    kmaxT = tl.load(kmax_ptr + at, mask=mask_dc, other=0.0)
+    kminT = tl.load(kmin_ptr + at, mask=mask_dc, other=0)                              # (BLOCK_D, BLOCK_C)
+    kmaxT = tl.load(kmax_ptr + at, mask=mask_dc, other=0)
+    dt = q_ptr.dtype.element_ty
+    if SCALED:   # int8 values in [-127, 127]: exact in fp16/bf16/fp32
+        kminT, kmaxT = kminT.to(tl.float32).to(dt), kmaxT.to(tl.float32).to(dt)
     q_pos = tl.maximum(q, 0.0).to(kmaxT.dtype)                                         # exact: max with 0
     q_neg = tl.minimum(q, 0.0).to(kminT.dtype)
     s = _dot(q_pos, kmaxT, IEEE, UPCAST) + _dot(q_neg, kminT, IEEE, UPCAST)            # (BLOCK_M, BLOCK_C)
+    if SCALED:
+        s = s * tl.load(scale_ptr + h * stride_sh + offs_c, mask=offs_c < C, other=0.0)[None, :]
     s = tl.where(valid_m[:, None], s, float("-inf"))
     best = tl.max(tl.max(tl.reshape(s, (G_PAD, TQ_PAD, BLOCK_C)), 1), 0)               # over t, then g
     tl.store(out_ptr + h * stride_outh + offs_c, best, mask=offs_c < C)
@@ -236,7 +246,21 @@ def _landmark_scores_kernel(
             _store_probs(out_h, s, lse, offs_c, mask_c, G_PAD, TQ2, BLOCK_C2)
 
 
-def chunk_scores_ref(q, landmarks=None, *, kmin=None, kmax=None, sm_scale: float | None = None):
+def quantize_minmax(kmin: torch.Tensor, kmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Hkv, C, D) min/max keys as int8 with a scale per chunk and head, (Hkv, C) fp32: kmin rounded down and
+    kmax rounded up, so ``kmin_q * scale <= kmin`` and ``kmax_q * scale >= kmax`` and the score stays a bound.
+    The scale leaves one step of headroom below 127, and a value that the division rounded across an integer is
+    moved one step out, so the inequalities hold exactly in fp32, not just to within rounding."""
+    lo, hi = kmin.float(), kmax.float()
+    scale = torch.maximum(lo.abs().amax(-1), hi.abs().amax(-1)).clamp_min(1e-30) / 126   # (Hkv, C)
+    s = scale[..., None]
+    qlo, qhi = (lo / s).floor(), (hi / s).ceil()
+    qlo = torch.where(qlo * s > lo, qlo - 1, qlo)
+    qhi = torch.where(qhi * s < hi, qhi + 1, qhi)
+    return qlo.clamp(-127, 127).to(torch.int8), qhi.clamp(-127, 127).to(torch.int8), scale
+
+
+def chunk_scores_ref(q, landmarks=None, *, kmin=None, kmax=None, scale=None, sm_scale: float | None = None):
     """Torch version of `chunk_scores` (fp32 math)."""
     Tq, Hq, D = q.shape
     Hkv = (landmarks if landmarks is not None else kmin).shape[0]
@@ -247,10 +271,12 @@ def chunk_scores_ref(q, landmarks=None, *, kmin=None, kmax=None, sm_scale: float
         return torch.softmax(s, -1).sum(2).amax(1)
     s = (torch.einsum("hgtd,hcd->hgtc", qg.clamp(min=0), kmax.float())
          + torch.einsum("hgtd,hcd->hgtc", qg.clamp(max=0), kmin.float()))
+    if scale is not None:
+        s = s * scale.float()[:, None, None, :]
     return s.amax(2).amax(1)
 
 
-def chunk_scores(q, landmarks=None, *, kmin=None, kmax=None, sm_scale: float | None = None, out=None):
+def chunk_scores(q, landmarks=None, *, kmin=None, kmax=None, scale=None, sm_scale: float | None = None, out=None):
     """Score every chunk for the current queries, max over each GQA group.
 
     Args:
@@ -258,6 +284,7 @@ def chunk_scores(q, landmarks=None, *, kmin=None, kmax=None, sm_scale: float | N
         landmarks: (Hkv, C, D) mean keys per chunk -> summed softmax probabilities (give this, or kmin+kmax).
         kmin, kmax: (Hkv, C, D) elementwise min / max key per chunk -> unscaled upper bound of q·k.
             The abstracts may be in pinned CPU memory when q is on a GPU: the kernel reads them over PCIe.
+        scale: (Hkv, C) fp32 with int8 kmin, kmax (`quantize_minmax`): the abstracts are ``k_int8 * scale``.
         sm_scale: landmark softmax scale, default 1/sqrt(D).
         out: optional (Hkv, C) fp32 buffer, rows contiguous (a column slice of a wider one is fine).
 
@@ -276,7 +303,10 @@ def chunk_scores(q, landmarks=None, *, kmin=None, kmax=None, sm_scale: float | N
     Hkv, C = abstracts[0].shape[:2]
     for x in abstracts:
         check(x.dim() == 3 and x.shape == (Hkv, C, D), f"abstract {tuple(x.shape)}: want (Hkv, C, D={D})")
-        check(x.dtype == q.dtype, f"abstract dtype {x.dtype} != q dtype {q.dtype}")
+        want = torch.int8 if scale is not None else q.dtype
+        check(x.dtype == want, f"abstract dtype {x.dtype} != {want}")
+    check(scale is None or (minmax and scale.shape == (Hkv, C) and scale.dtype == torch.float32
+                            and scale.stride(1) == 1), "scale: (Hkv, C) fp32 with contiguous rows, min/max only")
     if minmax:
         check(kmin.stride() == kmax.stride(), "kmin and kmax must have the same strides")
     check(Hq % Hkv == 0, f"Hq={Hq} is not a multiple of Hkv={Hkv}")
@@ -285,10 +315,9 @@ def chunk_scores(q, landmarks=None, *, kmin=None, kmax=None, sm_scale: float | N
         out = torch.empty((Hkv, C), dtype=torch.float32, device=q.device)
     check(out.shape == (Hkv, C) and out.dtype == torch.float32 and out.stride(1) == 1,
           "out must be an fp32 (Hkv, C) tensor with contiguous rows")
-    scale = sm_scale if sm_scale is not None else D ** -0.5
     if not use_triton(q, out, host=tuple(abstracts)):   # abstracts may be pinned host memory, read in place
-        host = [x.to(q.device) if x is not None else None for x in (landmarks, kmin, kmax)]
-        out.copy_(chunk_scores_ref(q, host[0], kmin=host[1], kmax=host[2], sm_scale=scale))
+        host = [x.to(q.device) if x is not None else None for x in (landmarks, kmin, kmax, scale)]
+        out.copy_(chunk_scores_ref(q, host[0], kmin=host[1], kmax=host[2], scale=host[3], sm_scale=sm_scale))
         return out
     if C == 0:
         return out
@@ -304,10 +333,11 @@ def chunk_scores(q, landmarks=None, *, kmin=None, kmax=None, sm_scale: float | N
     if minmax:
         BLOCK_C = 32 if interpreting() else 64
         _minmax_scores_kernel[(Hkv, -(-C // BLOCK_C))](
-            q, q.stride(0), q.stride(1), kmin, kmax, kmin.stride(0), kmin.stride(1), out, out.stride(0),
-            Tq, C, BLOCK_C=BLOCK_C, **shape, num_warps=8)
+            q, q.stride(0), q.stride(1), kmin, kmax, kmin.stride(0), kmin.stride(1),
+            out if scale is None else scale, 0 if scale is None else scale.stride(0), out, out.stride(0),
+            Tq, C, BLOCK_C=BLOCK_C, SCALED=scale is not None, **shape, num_warps=8)
         return out
-    _landmark_scores(q, landmarks, out, Hkv, C, scale, shape)
+    _landmark_scores(q, landmarks, out, Hkv, C, sm_scale if sm_scale is not None else D ** -0.5, shape)
     return out
 
 

@@ -1,7 +1,8 @@
 """The disk tier: one file per layer under ``--disk DIR``, fixed page slots aligned for O_DIRECT.
 
 Slot ``s`` of layer ``l`` lives at byte ``s * slot_bytes`` of ``layer_{l:03d}.kv``. A page is written once
-(KV is append-only) with its crc32 kept in memory and in a session's manifest; reads go through O_DIRECT
+(KV is append-only) with its crc32 kept in memory and in a session's manifest, and the crc32 of each of its
+4096-byte blocks, so that a policy reading a few chunks of a page (`read_blocks`) checks what it read; reads go through O_DIRECT
 where the file system supports it (the page cache would otherwise hide the disk's real speed and double
 the memory a long context takes), and fall back to buffered I/O where it does not (tmpfs refuses O_DIRECT).
 I/O is plain ``os.pwrite``/``os.preadv`` into caller-owned buffers; buffers that are not 4096-aligned
@@ -17,6 +18,7 @@ import threading
 import zlib
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..errors import UserError
@@ -69,6 +71,7 @@ class DiskTier:
         self.next_slot = [0] * geometry.n_layers
         self.free: list[list[int]] = [[] for _ in range(geometry.n_layers)]
         self.checksums: dict[tuple[int, int], int] = {}
+        self.block_checksums: dict[tuple[int, int], np.ndarray] = {}   # (layer, slot) -> crc32 per block
         self.used = 0
         self.bytes_read = 0
         self.bytes_written = 0
@@ -119,6 +122,7 @@ class DiskTier:
     def release(self, layer: int, slot: int) -> None:
         self.used -= 1
         self.checksums.pop((layer, slot), None)
+        self.block_checksums.pop((layer, slot), None)
         self.free[layer].append(slot)
 
     def write(self, layer: int, page: torch.Tensor) -> int:
@@ -143,6 +147,8 @@ class DiskTier:
                                     f"free space there or point --disk elsewhere") from None
             raise UserError(f"cannot write KV page to {self.path(layer)}: {e.strerror or e}") from None
         self.checksums[(layer, slot)] = zlib.crc32(src)
+        self.block_checksums[(layer, slot)] = np.fromiter(
+            (zlib.crc32(src[i:i + DISK_ALIGN]) for i in range(0, src.nbytes, DISK_ALIGN)), np.uint32)
         self.bytes_written += src.nbytes
         return slot
 
@@ -160,6 +166,26 @@ class DiskTier:
         self.bytes_read += dst.nbytes
         if verify and zlib.crc32(dst) != self.checksums.get((layer, slot)):
             raise UserError(f"KV page {slot} of layer {layer} in {self.path(layer)} is corrupt (checksum mismatch)")
+
+    def read_blocks(self, layer: int, slot: int, first: int, n: int) -> torch.Tensor:
+        """Blocks ``first .. first+n-1`` (of `DISK_ALIGN` bytes) of the page in ``slot``, as a uint8 tensor of
+        ``n * DISK_ALIGN`` bytes (the last block of a page may be cut short), each checked against its crc32."""
+        fd = self._fd(layer)
+        nbytes = n * DISK_ALIGN
+        buf = _aligned_buffer(nbytes)   # fresh: reader threads call this concurrently
+        got = os.preadv(fd, [buf], slot * self.geometry.slot_bytes + first * DISK_ALIGN)
+        end = min(nbytes, self.geometry.page_bytes - first * DISK_ALIGN)
+        if got < end:
+            raise UserError(f"KV page {slot} of layer {layer} is truncated in {self.path(layer)}")
+        sums = self.block_checksums.get((layer, slot))
+        for i in range(n):
+            a, b = i * DISK_ALIGN, min((i + 1) * DISK_ALIGN, end)
+            if sums is not None and a < b and zlib.crc32(buf[a:b]) != int(sums[first + i]):
+                raise UserError(f"KV page {slot} of layer {layer} in {self.path(layer)} is corrupt (checksum "
+                                f"mismatch in its block {first + i}): the disk tier cannot be trusted; remove "
+                                f"{self.directory} and prefill again")
+        self.bytes_read += end
+        return torch.frombuffer(bytearray(buf[:nbytes]), dtype=torch.uint8)
 
     @property
     def used_bytes(self) -> int:

@@ -114,6 +114,12 @@ class KVCache(ABC):
             page = pages[i]
             self.load_tokens(layer, i * P, page[0, :, :t].transpose(0, 1), page[1, :, :t].transpose(0, 1))
 
+    def attended(self, layer: int) -> torch.Tensor | None:
+        """The tokens the last decode step of ``layer`` attended to, (Hkv, n) bool over the n tokens it saw; None
+        when every step attends to every token (the exact policies). A sparse policy answers it for its eager step
+        (the bench's needle recall)."""
+        return None
+
     def stats(self) -> dict[str, Any]:
         """Numbers for the UI and benchmarks (tokens held, bytes per tier, bytes moved, hit rate)."""
         return {"tokens": self.length, "capacity": self.capacity}

@@ -30,7 +30,7 @@ from .sampling import Sampler, SamplingParams
 
 STATS_INTERVAL_S = 0.25
 """Least time between two token events that carry the cache's stats: reading them walks every layer on the
-host (about 0.45 ms for ShadowKV over 32 layers, measured on one core of the 2-core development machine),
+host (about 0.45 ms for a sparse policy's 32 layers, measured on one core of the 2-core development machine),
 time the GPU would wait for each token."""
 
 

@@ -8,12 +8,12 @@ of the KV (the attention kernel's bound). Buffers must stay where they were reco
 through fixed row counts: one graph per bucket, rows rounded up to a step of 1K rows or 1/16 to 1/8 of the
 length, whichever is larger, so attention is laid out over few rows more than are filled (and skips those).
 
-Graphs serve caches that offer ``static_view``: the exact policy with the KV whole on the GPU, and ShadowKV
-(`offload.policies.shadowkv.graph`), whose view serves every length with one graph while its ``buffers``
-signature holds, runs host bookkeeping after each replay (``replayed``) and saves the sums its warm-up run
-adds (``save`` / ``restore``). The tiered exact policy decodes eagerly.
+Graphs serve caches that offer ``static_view`` (a policy's choice; a cache without it decodes eagerly). A view
+serves one bucket of rows, or every length with one graph while the cache's ``buffers`` signature holds; it may
+run host bookkeeping after each replay (``replayed``) and save the state its warm-up run adds (``save`` /
+``restore``).
 
-Deciding whether the next step can replay, and with which graph, is host work (about 0.34 ms for ShadowKV
+Deciding whether the next step can replay, and with which graph, is host work (about 0.34 ms for a sparse policy
 over 32 layers, measured on one core of the 2-core development machine). It is done for step t+1 right after
 step t's replay is launched, while the GPU runs it; `KVCache.epoch` says whether anything touched the cache in
 between.

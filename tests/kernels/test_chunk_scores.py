@@ -6,7 +6,7 @@ import pytest
 import torch
 from kernel_testing import DEVICE, DTYPES, assert_close, poisoned
 
-from localkv.kernels import chunk_scores, chunk_scores_ref
+from localkv.kernels import chunk_scores, chunk_scores_ref, quantize_minmax
 
 # (Tq, Hkv, G, D, C)
 CASES = {
@@ -73,6 +73,27 @@ def test_minmax_bounds_every_key_of_the_chunk(kernel_ran):
     kernel_ran("chunk_scores")
     exact = torch.einsum("thgd,hcjd->hgtcj", q.view(Tq, Hkv, G, D), keys).amax((1, 2, 4))   # (Hkv, C)
     assert torch.all(bound >= exact - 1e-4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_int8_minmax_matches_reference_and_still_bounds(dtype, kernel_ran):
+    """int8 abstracts with a scale per chunk: the kernel equals the reference on the dequantized values, and the
+    bound still holds for every key of the chunk (kmin rounded down, kmax up), within a little of the fp one."""
+    Tq, Hkv, G, D, C, chunk = 1, 2, 4, 64, 37, 16
+    q = torch.randn(Tq, Hkv * G, D, device=DEVICE).to(dtype)
+    keys = (3 * torch.randn(Hkv, C, chunk, D, device=DEVICE)).to(dtype)
+    lo, hi, scale = quantize_minmax(keys.amin(2), keys.amax(2))
+    assert torch.all(lo.float() * scale[..., None] <= keys.amin(2).float())
+    assert torch.all(hi.float() * scale[..., None] >= keys.amax(2).float())
+    got = chunk_scores(q, kmin=lo, kmax=hi, scale=scale)
+    kernel_ran("chunk_scores")
+    want = chunk_scores_ref(q, kmin=lo, kmax=hi, scale=scale)
+    assert_close(got, want, dtype)
+    exact = torch.einsum("thgd,hcjd->hgtcj", q.float().view(Tq, Hkv, G, D), keys.float()).amax((1, 2, 4))
+    fp = chunk_scores_ref(q, kmin=keys.amin(2), kmax=keys.amax(2))
+    tol = 0.02 * exact.abs().max().item()   # the dots round in the query's dtype
+    assert torch.all(want >= exact - 1e-4) and torch.all(got >= exact - tol)
+    assert torch.all(want - fp <= 2 * scale * q.float().abs().sum(-1).view(Tq, Hkv, G).amax((0, 2))[:, None])
 
 
 def test_rejects_mixed_abstracts():

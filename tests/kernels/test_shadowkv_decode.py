@@ -33,7 +33,7 @@ def test_decode_through_kernels_matches_references(dtype, monkeypatch, kernel_ra
         else:
             monkeypatch.delenv("LOCALKV_KERNELS", raising=False)
         cache = make_cache("shadowkv", args, 512, device=DEVICE, dtype=dtype, budgets=budgets, budget=48,
-                           page_tokens=page, window_tokens=40)
+                           page_tokens=page, window_tokens=40, sink_tokens=8, local_chunks=4)
         with torch.inference_mode():
             out = [model(ids[:300], cache)]
             out += [model(ids[t:t + 1], cache, decode=True) for t in range(300, 306)]
@@ -58,7 +58,7 @@ def test_graphed_step_through_kernels_matches_eager_references(monkeypatch, kern
     _, model, args = _hf_and_ours("llama", max_pos=4096)
     model = model.to(DEVICE, torch.float32)
     model.rope = type(model.rope)(args, DEVICE)
-    opts = dict(budget=48, page_tokens=32, window_tokens=64, block_tokens=64, rank=8)
+    opts = dict(budget=48, page_tokens=32, window_tokens=64, block_tokens=64, rank=8, sink_tokens=8, local_chunks=4)
     ids = torch.randint(0, 100, (306,), device=DEVICE)
     eager, viewed = (make_cache("shadowkv", args, 512, device=DEVICE, dtype=torch.float32, **opts) for _ in range(2))
     length = torch.zeros(1, dtype=torch.int32, device=DEVICE)

@@ -8,6 +8,9 @@ A policy is a view over the tiered KV store that decides what each step attends 
                        fetch, each a file of its own
     kernels/OP.py      its Triton kernels, one op per file with a torch reference (shared ones reused)
 
+A policy imports no other policy. What sparse policies share lives one level up: `offload.streamed` (exact
+attention over the store, for prefill), `offload.chunks` (chunks read from any tier into a device slot cache).
+
 The package imports every folder beside this file (`policies/__init__.py`), so a new policy is its folder and
 nothing else: the planner, store, runtime, CLI and TUI know no policy by name. They ask the registry
 

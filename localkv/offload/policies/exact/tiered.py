@@ -1,66 +1,20 @@
 """The exact policy over the tiered store: full attention however far the KV has spread.
 
-A forward of T new tokens at positions start.. attends, per layer, to
-    the sealed pages of the prefix  (streamed block by block by the pipeline, from whatever tier holds them)
-    + the open page                 (the prefix's last, partly filled page, on the device)
-    + the new tokens themselves     (causal)
-each part giving (out, lse), merged exactly by log-sum-exp; then the new K, V are appended to the store.
-The same code serves a prefill chunk and a decode step: chunked prefill never needs the whole KV on the
-GPU, and decode moves every offloaded page once per token, the floor this policy is measured against.
+Every step is `offload.streamed.StreamedAttention`: the stored prefix streamed from whatever tier holds it, the
+open page and the new tokens, merged by log-sum-exp. Decode moves every offloaded page once per token, the floor
+this policy is measured against.
 """
 
 from __future__ import annotations
 
-import weakref
-from typing import Callable
-
 import torch
 
 from ....models.args import ModelArgs
-from ...attention import ChunkAttention
 from ...kv import KVCache
-from ...pages import KEYS, VALUES, PageGeometry
+from ...pages import PageGeometry
 from ...pipeline import BlockReader
 from ...store import Budgets, KVStore
-
-
-KeySource = Callable[[int, int], torch.Tensor]
-"""``keys(a, b)``: the rotated keys (Hkv, b-a, D) of stored tokens a..b-1 (``a`` a page start), for a store that
-keeps values only."""
-
-
-class _TieredExactLayer:
-    def __init__(self, cache: "TieredExactKV", layer: int):
-        self.cache, self.layer = weakref.proxy(cache), layer  # no cycle: the store goes with its cache
-
-    def prefill(self, q, k, v, rp, keys: KeySource | None = None):
-        """Attention over the stored prefix and the chunk; stores the chunk. ``keys`` gives the prefix's keys
-        when the pages hold none (ShadowKV with ``exact_keys=False``); by default they are read from the pages."""
-        cache, store = self.cache, self.cache.store
-        start = rp.start
-        g = store.geometry
-        P, Hkv, D, V = g.page_tokens, g.n_kv_heads, g.head_dim, g.part_index(VALUES)
-        q, k = rp.rotate(q), rp.rotate(k)
-        attn = ChunkAttention(q)
-        for first, kv in cache.reader.blocks(self.layer):  # (n, parts, Hkv, P, D)
-            if keys is None:
-                attn.add_pages(kv)
-            else:
-                n = kv.shape[0]
-                attn.add(keys(first * P, (first + n) * P), kv[:, V].transpose(0, 1).reshape(Hkv, n * P, D))
-        # The open page's filled rows and the new tokens, one short causal run.
-        partial = start % P
-        kt, vt = k.transpose(0, 1), v.transpose(0, 1)  # (Hkv, T, D)
-        if partial:
-            page = store.open_page(self.layer)
-            held = page[KEYS, :, :partial] if keys is None else keys(start - partial, start)
-            kt = torch.cat([held.to(kt.dtype), kt], dim=1)
-            vt = torch.cat([page[V, :, :partial].to(vt.dtype), vt], dim=1)
-        attn.add(kt, vt, causal=True)
-        store.write(self.layer, start, k, v)
-        return attn.result()
-
-    decode = prefill
+from ...streamed import StreamedAttention, token_runs
 
 
 class TieredExactKV(KVCache):
@@ -76,9 +30,9 @@ class TieredExactKV(KVCache):
         geometry = PageGeometry(args.n_layers, args.n_kv_heads, args.head_dim, page_tokens, dtype)
         self.store = KVStore(geometry, budgets, torch.device(device))
         self.reader = BlockReader(self.store, block_pages=block_pages, ring_blocks=ring_blocks)
-        self.layers = [_TieredExactLayer(self, i) for i in range(args.n_layers)]
+        self.layers = [StreamedAttention(self, i) for i in range(args.n_layers)]
 
-    def layer(self, i: int) -> _TieredExactLayer:
+    def layer(self, i: int) -> StreamedAttention:
         return self.layers[i]
 
     def reserve(self, n: int) -> int:
@@ -92,14 +46,7 @@ class TieredExactKV(KVCache):
         self.store.truncate(n)
 
     def token_runs(self, layer, n_tokens):
-        store, P = self.store, self.store.geometry.page_tokens
-        for index in range(store.sealed_pages(layer, n_tokens)):
-            page = store.read_page(layer, index)
-            yield page[0], page[1]
-        rest = n_tokens % P
-        if rest and n_tokens // P == len(store.pages[layer]):
-            page = store.open_page(layer)
-            yield page[0, :, :rest], page[1, :, :rest]
+        return token_runs(self.store, layer, n_tokens)
 
     def load_tokens(self, layer, start, k, v):
         self.store.write(layer, start, k, v)

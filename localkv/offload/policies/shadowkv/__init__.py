@@ -4,12 +4,13 @@
     layer.py      one layer's prefill (exact) and decode (select, fetch, rebuild keys, attend)
     lowrank.py    the low-rank basis of the pre-RoPE keys and its refresh rule
     index.py      landmarks, coherence and outlier chunks
-    selection.py  the budget, top-k chunks per KV head, the slot buffer that keeps chunks between steps
-    fetch.py      the selected chunks' values from whichever tier holds them
+    selection.py  the budget, top-k chunks per KV head by their landmarks
     graph.py      the view a CUDA-graphed decode step runs through
 
 Kernels: `chunk_scores`, `topk_ids`, `slot_assign`, `lowrank_rope`, `gather_pages`, `sparse_attention`,
-`rope_append`. The module docstring of `cache` says how a step runs.
+`rope_append`. Shared with other policies: `offload.chunks` (the selected chunks' values from whichever tier holds
+them, the slot buffer that keeps them between steps), `offload.streamed` (the exact prefill). The module docstring
+of `cache` says how a step runs.
 """
 
 from __future__ import annotations

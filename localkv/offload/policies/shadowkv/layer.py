@@ -30,9 +30,9 @@ import torch
 from ....errors import UserError
 from ....kernels import lowrank_rope, sparse_attention
 from ...pages import KEYS, VALUES
-from ..exact.tiered import _TieredExactLayer
-from .selection import ChunkBuffer, attention_recall, budget_chunks, select_chunks
-from .fetch import StoreChunks
+from ...chunks import ChunkBuffer, StoreChunks, attention_recall
+from ...streamed import StreamedAttention
+from .selection import budget_chunks, select_chunks
 from .index import ChunkIndex, outlier_count
 from .lowrank import LowRankKeys
 
@@ -50,7 +50,7 @@ class ShadowKVLayer:
         g = store.geometry
         self.Hkv, self.D, self.C = g.n_kv_heads, g.head_dim, cfg.chunk_tokens
         self.dtype, self.device = g.dtype, store.device
-        self.exact = _TieredExactLayer(cache, layer)
+        self.exact = StreamedAttention(cache, layer)
         self.chunks = StoreChunks(store, layer, self.C)
         self.lowrank = LowRankKeys(self.Hkv, self.D, dtype=self.dtype, device=self.device, capacity=cache.capacity,
                                    read_keys=self._read_keys, rank=cfg.rank, rank_energy=cfg.rank_energy,
@@ -69,6 +69,7 @@ class ShadowKVLayer:
         self.dense_k = torch.zeros(self.Hkv, 0, self.D, dtype=self.dtype, device=self.device)
         self.dense_v = torch.zeros_like(self.dense_k)
         self.all_k: torch.Tensor | None = None  # every rotated key, kept only to measure recall
+        self.last_step: tuple = (None, 0, 0)   # (selection, W, n) of the last decode step
 
     # -- the steps attention calls -------------------------------------------------------------------------
     # All under inference mode, whoever calls (the engine truncates outside it): the index's tensors are made
@@ -280,6 +281,7 @@ class ShadowKVLayer:
             if cache.index_host:   # read in place over PCIe: every landmark, and U's rows of the selected chunks
                 elt = self.dtype.itemsize
                 cache.index_reads += (n_chunks * self.D + k * C * self.lowrank.rank) * self.Hkv * elt
+        self.last_step = (sel, self.W, self.n)   # what `covered` needs of it (`KVCache.attended`)
         if self.cfg.measure_recall:
             self._measure(q, sel)
         return out
@@ -308,18 +310,22 @@ class ShadowKVLayer:
             self.all_k = grown
         self.all_k[:, start:end] = kt
 
-    def _measure(self, q: torch.Tensor, sel: torch.Tensor | None) -> None:
-        """Exact attention mass on [sink | outliers | selected | recent], against every key so far."""
-        C, n_chunks = self.C, self.W // self.C
-        covered = torch.zeros(self.Hkv, self.n, dtype=torch.bool, device=self.device)
+    def covered(self, sel: torch.Tensor | None, W: int, n: int) -> torch.Tensor:
+        """(Hkv, n) bool: the tokens a step with selection ``sel`` attends, [sink | outliers | selected | recent]."""
+        C, n_chunks = self.C, W // self.C
+        covered = torch.zeros(self.Hkv, n, dtype=torch.bool, device=self.device)
         covered[:, :self.sink_rows] = True
-        covered[:, self.W:] = True
-        chunks = torch.zeros(self.Hkv, n_chunks, dtype=torch.bool, device=self.device)
+        covered[:, W:] = True
+        chunks = torch.zeros(self.Hkv, self.n // C + 1, dtype=torch.bool, device=self.device)  # outliers sealed since too
         chunks.scatter_(1, self.index.outliers, True)
         if sel is not None:
             chunks.scatter_(1, sel, True)
-        covered[:, :n_chunks * C] |= chunks.repeat_interleave(C, dim=1)
-        recall = attention_recall(q, self.all_k[:, :self.n], covered)   # (T, Hq)
+        covered[:, :n_chunks * C] |= chunks[:, :n_chunks].repeat_interleave(C, dim=1)
+        return covered
+
+    def _measure(self, q: torch.Tensor, sel: torch.Tensor | None) -> None:
+        """Exact attention mass on the attended tokens, against every key so far."""
+        recall = attention_recall(q, self.all_k[:, :self.n], self.covered(sel, self.W, self.n))   # (T, Hq)
         self.cache.recall[0] += recall.sum().double()
         self.cache.recall[1] += recall.numel()
 

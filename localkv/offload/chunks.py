@@ -1,4 +1,12 @@
-"""Chunks of one layer's keys or values read out of the tiered store into device slots, wherever they live.
+"""Selected chunks of the tiered store on the device: read from whichever tier holds them, kept between steps.
+
+A sparse policy attends to a few chunks of each layer's KV a step. This module is what such policies share:
+
+    StoreChunks        one layer's chunks of K or V out of the store into device slots (GPU, pinned CPU, disk)
+    ChunkBuffer        the device slots, an LRU cache per KV head: a step fetches only the chunks it misses
+    attention_recall   the exact attention mass the attended tokens hold (for evaluation)
+
+**Reading chunks.** Chunks of one layer's keys or values read out of the tiered store into device slots, wherever they live.
 
 Page p of a layer holds tokens ``p*P ..``; chunk c (tokens ``c*C ..``, C dividing P) sits in page ``c*C // P``
 at token offset ``o = c*C % P``. A page is ``(parts, Hkv, P, D)`` (K and V, or V alone) with each head's tokens
@@ -17,16 +25,18 @@ Pages on disk need the host: when a layer has any, the requested chunks are read
 layer) and their pages read through the store. The counts of chunks moved per tier accumulate on the device.
 """
 
+
 from __future__ import annotations
 
+import math
 from typing import Iterator
 
 import torch
 
-from ....kernels import gather_pages, segment_addresses
-from ....kernels.gather_pages import DISK_KIND
-from ...pages import KEYS, VALUES, PageGeometry
-from ...store import CPU, DISK, GPU, KVStore
+from ..kernels import assign_slots, gather_pages, segment_addresses
+from ..kernels.gather_pages import DISK_KIND
+from .pages import KEYS, VALUES, PageGeometry
+from .store import CPU, DISK, GPU, KVStore
 
 DEVICE_TIER, CPU_TIER, DISK_TIER = 0, 1, DISK_KIND  # rows of the ``moved`` counters: chunks read from each
 
@@ -174,3 +184,91 @@ class StoreChunks:
     def invalidate(self) -> None:
         """The layer's pages moved other than by sealing (truncation): list them again before the next fetch."""
         self.stale = True
+
+
+class ChunkBuffer:
+    """Device slots holding the rebuilt keys and fetched values of selected chunks, per KV head.
+
+    ``k``, ``v`` are (Hkv, n_slots*C, D): slot s of head h is rows s*C .. s*C+C-1, the layout
+    `kernels.sparse_attention` reads through an index list. ``slot_chunk`` (Hkv, n_slots+1) says which chunk
+    each slot holds (-1: none) and ``chunk_slot`` (Hkv, n_chunks+1) the reverse; their last column is a
+    scratch target for masked scatters. A step's selection keeps the slots of its hits and puts each miss in
+    the least recently used slot no hit holds (`kernels.assign_slots`); with ``n_slots >= k`` there are always
+    enough.
+    """
+
+    def __init__(self, n_kv_heads: int, chunk_tokens: int, head_dim: int, *, dtype: torch.dtype,
+                 device: torch.device, slot_factor: float = 2.0):
+        self.Hkv, self.C, self.D = n_kv_heads, chunk_tokens, head_dim
+        self.dtype, self.device = dtype, device
+        self.slot_factor = slot_factor
+        self.n_slots = 0
+        self.n_chunks = 0
+        self.step = torch.zeros(n_kv_heads, dtype=torch.int32, device=device)  # on the device: graphs replay assign
+        self._alloc(0, 0)
+
+    def _alloc(self, n_slots: int, n_chunks: int) -> None:
+        Hkv, C, D, dev = self.Hkv, self.C, self.D, self.device
+        self.k = torch.zeros(Hkv, n_slots * C, D, dtype=self.dtype, device=dev)
+        self.v = torch.zeros(Hkv, n_slots * C, D, dtype=self.dtype, device=dev)
+        self.slot_chunk = torch.full((Hkv, n_slots + 1), -1, dtype=torch.long, device=dev)
+        self.slot_age = torch.zeros(Hkv, n_slots + 1, dtype=torch.int32, device=dev)  # int32: the kernel's keys
+        self.chunk_slot = torch.full((Hkv, n_chunks + 1), -1, dtype=torch.long, device=dev)
+        self.n_slots, self.n_chunks = n_slots, n_chunks
+
+    def reserve(self, k: int, n_chunks: int) -> None:
+        """Room for a selection of ``k`` chunks among ``n_chunks`` (a resize empties the buffer)."""
+        if k > self.n_slots:
+            self._alloc(max(k, math.ceil(k * self.slot_factor)), max(n_chunks, self.n_chunks))
+        if n_chunks > self.n_chunks:
+            grown = torch.full((self.Hkv, 2 * n_chunks + 1), -1, dtype=torch.long, device=self.device)
+            grown[:, :self.n_chunks] = self.chunk_slot[:, :self.n_chunks]
+            self.chunk_slot, self.n_chunks = grown, 2 * n_chunks
+
+    def assign(self, sel: torch.Tensor, hits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots for the chunks ``sel (Hkv, k)`` (distinct per head): `kernels.assign_slots`.
+
+        Returns:
+            slots (Hkv, k): where each selected chunk is (or will be once fetched);
+            dst (Hkv, k): the slot to fetch into, -1 for hits (the fetch's skip mask).
+        ``hits``, an optional int64 counter, is added the number of hits.
+        """
+        return assign_slots(sel, self.chunk_slot, self.slot_chunk, self.slot_age, self.step, self.n_slots, hits)
+
+    def forget_from(self, chunk: int) -> None:
+        """Drop every buffered chunk from ``chunk`` on (their tokens were truncated and may come back different)."""
+        stale = self.slot_chunk[:, :self.n_slots] >= chunk
+        self.slot_chunk[:, :self.n_slots].masked_fill_(stale, -1)
+        self.slot_age[:, :self.n_slots].masked_fill_(stale, 0)
+        self.chunk_slot[:, chunk:self.n_chunks] = -1
+
+    def device_bytes(self) -> int:
+        held = (self.k, self.v, self.slot_chunk, self.slot_age, self.chunk_slot)
+        return sum(t.numel() * t.element_size() for t in held)
+
+    def buffers(self) -> tuple[int, ...]:
+        """Addresses a graphed step reads: they change when `reserve` grows the buffer."""
+        return tuple(t.data_ptr() for t in (self.k, self.v, self.slot_chunk, self.slot_age, self.chunk_slot))
+
+
+def attention_recall(q: torch.Tensor, keys: torch.Tensor, covered: torch.Tensor) -> torch.Tensor:
+    """Share of each query head's exact softmax attention that falls on the covered tokens.
+
+    Args:
+        q: (T, Hq, D) post-RoPE queries of the newest T tokens.
+        keys: (Hkv, n, D) every rotated key so far, the last T being the queries' own (causal).
+        covered: (Hkv, n) bool, the tokens the policy attended.
+
+    Returns:
+        (T, Hq) fp32 recall in [0, 1].
+    """
+    T, Hq, D = q.shape
+    Hkv, n, _ = keys.shape
+    G = Hq // Hkv
+    qg = q.float().transpose(0, 1).reshape(Hkv, G * T, D)       # rows (g, t)
+    s = (qg @ keys.float().transpose(1, 2)) * D ** -0.5         # (Hkv, G*T, n)
+    rows = torch.arange(T, device=q.device).repeat(G)[:, None] + (n - T)
+    s = s.masked_fill(torch.arange(n, device=q.device)[None, :] > rows, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    recall = (p * covered[:, None, :]).sum(-1)                  # (Hkv, G*T)
+    return recall.reshape(Hq, T).T

@@ -1,0 +1,64 @@
+"""LeoAM (arXiv 2506.20187): variable-size chunks per layer, min/max key abstracts on the GPU, chunks fetched.
+
+    cache.py      `LeoAM`, the cache: options (`LeoAMConfig`), the store, stats; the planner's arithmetic
+    layer.py      one layer's prefill (exact) and decode (score abstracts, select within the budget, fetch, attend)
+    chunking.py   variable chunks from measured attention (16-token units), fixed chunks, the abstracts
+    disk_reads.py the selected chunks' disk blocks: reader threads, a bounded host cache, prefetch a layer ahead
+
+Kernels: `chunk_scores` (min/max upper bound), `topk_ids`, `slot_assign`, `gather_pages`, `sparse_attention`;
+the chunk cache and the store reads are `offload.chunks` (`ChunkBuffer`, `StoreChunks`, whose disk path
+`disk_reads.LayerChunks` replaces), the exact prefill `offload.streamed`. Not done yet: compression of cold chunks (int8/int4 pages).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from ....units import format_bytes
+from ..base import Footprint, PlanInputs, Policy, StepBytes, register
+from .cache import LeoAM, LeoAMConfig, fitting_options, plan_bytes
+
+
+class LeoAMPolicy(Policy):
+    name = "leoam"
+    summary = "sparse attention over variable-size chunks scored by min/max key abstracts, the chosen ones fetched"
+    sparse = True
+    config = LeoAMConfig
+
+    def parse(self, options):
+        return LeoAMConfig.from_options(dict(options or {}))
+
+    def footprint(self, inputs: PlanInputs) -> Footprint:
+        """Abstracts, unit map, chunk cache, sink and window on the device, before any page; int8 abstracts and a
+        smaller chunk cache where the full ones would not fit (`fitting_options`)."""
+        cfg = self.parse(inputs.options)
+        chosen = fitting_options(inputs.args, inputs.ctx_tokens, inputs.elt, cfg, inputs.gpu_room)
+        gpu, _, _ = plan_bytes(inputs.args, inputs.ctx_tokens, inputs.elt, replace(cfg, **chosen))
+        return Footprint(gpu_bytes=gpu, what="abstracts and chunk cache", options=chosen)
+
+    def estimate(self, inputs: PlanInputs, fp: Footprint, plan) -> StepBytes:
+        """The abstracts scored from device memory; the selected chunks' K and V over PCIe (from device memory when
+        the GPU holds every page), the disk's share of them from disk (chunks are spread like the pages)."""
+        cfg = replace(self.parse(inputs.options), **fp.options)
+        ctx = inputs.ctx_tokens
+        _, abstract, step = plan_bytes(inputs.args, ctx, inputs.elt, cfg)
+        disk = step * plan.disk.tokens / ctx if ctx else 0.0
+        off_gpu = step * (ctx - plan.gpu.tokens) / ctx if ctx else 0.0   # what the GPU tier does not hold
+        over_pcie = inputs.on_gpu and plan.gpu.tokens < ctx
+        out = StepBytes(hbm=abstract + (step - off_gpu if over_pcie else step), h2d=off_gpu if over_pcie else 0.0,
+                        disk=disk, how="leoam: weights once from GPU memory, the abstracts scored, the selected "
+                                       "chunks over PCIe / from disk")
+        cache = (f"a chunk cache of {cfg.cache_factor:g} budgets" if cfg.cache_factor else
+                 "no chunk cache (one buffer the layers share)")
+        out.notes.append(f"leoam keeps {format_bytes(fp.gpu_bytes)} on the GPU ({cfg.abstract_dtype} abstracts, "
+                         f"{cache}, sink and window) and reads up to {format_bytes(step)} of K and V a step at "
+                         f"full context (fewer with chunks still in its cache)")
+        return out
+
+    def make(self, args, capacity, *, budgets, device, dtype, **options):
+        return LeoAM(args, capacity, budgets=budgets, device=device, dtype=dtype, **options)
+
+
+register(LeoAMPolicy())
+
+__all__ = ["LeoAM", "LeoAMConfig"]

@@ -1,0 +1,75 @@
+"""Exact attention over the tiered store: the stored prefix streamed, the open page, the new tokens.
+
+A forward of T new tokens at positions start.. attends, per layer, to
+    the sealed pages of the prefix  (streamed block by block by the pipeline, from whatever tier holds them)
+    + the open page                 (the prefix's last, partly filled page, on the device)
+    + the new tokens themselves     (causal)
+each part giving (out, lse), merged exactly by log-sum-exp; then the new K, V are appended to the store.
+The same code serves a prefill chunk and a decode step: chunked prefill never needs the whole KV on the
+GPU. The exact policy runs every step through it; sparse policies run their prefill through it.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Callable, Iterator
+
+import torch
+
+from .attention import ChunkAttention
+from .pages import KEYS, VALUES
+from .store import KVStore
+
+
+KeySource = Callable[[int, int], torch.Tensor]
+"""``keys(a, b)``: the rotated keys (Hkv, b-a, D) of stored tokens a..b-1 (``a`` a page start), for a store that
+keeps values only."""
+
+
+class StreamedAttention:
+    """One layer's exact attention over everything stored, for a cache with ``store`` (`KVStore`) and ``reader``
+    (`BlockReader`): the exact policy's every step, and the prefill of the sparse ones."""
+
+    def __init__(self, cache, layer: int):
+        self.cache, self.layer = weakref.proxy(cache), layer  # no cycle: the store goes with its cache
+
+    def prefill(self, q, k, v, rp, keys: KeySource | None = None):
+        """Attention over the stored prefix and the chunk; stores the chunk. ``keys`` gives the prefix's keys
+        when the pages hold none (ShadowKV with ``exact_keys=False``); by default they are read from the pages."""
+        cache, store = self.cache, self.cache.store
+        start = rp.start
+        g = store.geometry
+        P, Hkv, D, V = g.page_tokens, g.n_kv_heads, g.head_dim, g.part_index(VALUES)
+        q, k = rp.rotate(q), rp.rotate(k)
+        attn = ChunkAttention(q)
+        for first, kv in cache.reader.blocks(self.layer):  # (n, parts, Hkv, P, D)
+            if keys is None:
+                attn.add_pages(kv)
+            else:
+                n = kv.shape[0]
+                attn.add(keys(first * P, (first + n) * P), kv[:, V].transpose(0, 1).reshape(Hkv, n * P, D))
+        # The open page's filled rows and the new tokens, one short causal run.
+        partial = start % P
+        kt, vt = k.transpose(0, 1), v.transpose(0, 1)  # (Hkv, T, D)
+        if partial:
+            page = store.open_page(self.layer)
+            held = page[KEYS, :, :partial] if keys is None else keys(start - partial, start)
+            kt = torch.cat([held.to(kt.dtype), kt], dim=1)
+            vt = torch.cat([page[V, :, :partial].to(vt.dtype), vt], dim=1)
+        attn.add(kt, vt, causal=True)
+        store.write(self.layer, start, k, v)
+        return attn.result()
+
+    decode = prefill
+
+
+def token_runs(store: KVStore, layer: int, n_tokens: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The stored (rotated K, V) of tokens 0..n_tokens-1 of ``layer``, page by page (`KVCache.token_runs`)."""
+    P = store.geometry.page_tokens
+    for index in range(store.sealed_pages(layer, n_tokens)):
+        page = store.read_page(layer, index)
+        yield page[0], page[1]
+    rest = n_tokens % P
+    if rest and n_tokens // P == len(store.pages[layer]):
+        page = store.open_page(layer)
+        yield page[0, :, :rest], page[1, :, :rest]
