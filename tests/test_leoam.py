@@ -276,3 +276,23 @@ def test_bench_needles_on_disk_and_disk_reads(tmp_path, monkeypatch, capsys):
     assert 0 < leoam["moved_bytes_per_token"]["disk_read"] < budget_share * leoam["peak_bytes"]["disk"]
     for key in ("chunks_selected", "chunk_tokens_mean", "hit_rate", "cpu_cache_hit_rate", "disk_wait_ms_per_token"):
         assert key in leoam["stats"]
+
+
+def test_disk_full_during_prefill_keeps_the_cache_consistent(tiny, tmp_path):
+    """A prefill that fills the disk tier stops with a one-line disk error; the cache cut back to what it held
+    before decodes as a cache that never saw the failed chunk."""
+    model, args = tiny
+    page_bytes = 2 * args.n_kv_heads * 32 * args.head_dim * 4
+    budgets = Budgets(0, 2 * page_bytes * args.n_layers, tmp_path / "kv", 6 * page_bytes * args.n_layers)
+    ids = torch.randint(0, V, (700,))
+    full, clean = (make_cache("leoam", args, 1024, budgets=budgets if i == 0 else _budgets(args, tmp_path / "b", 0, 2),
+                              budget=64, **OPTS) for i in range(2))
+    with torch.no_grad():
+        _run(model, full, ids, [0, 200], 200)
+        with pytest.raises(UserError, match="disk"):
+            model(ids[200:700], full)
+        full.truncate(200)
+        _run(model, clean, ids, [0, 200], 200)
+        want = _run(model, clean, ids, [200], 230)
+        got = _run(model, full, ids, [200], 230)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
