@@ -9,6 +9,14 @@ from localkv.runtime.graphs import DecodeGraphs, bucket_rows
 from test_model import _hf_and_ours
 
 
+
+@pytest.fixture(autouse=True)
+def torch_references_on_cpu(monkeypatch):
+    """On a CPU, the torch references even after tests/kernels set TRITON_INTERPRET=1 for the session: these
+    tests are about the graphs' bookkeeping, and the interpreter made one of them take two minutes."""
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("LOCALKV_KERNELS", "ref")
+
 def test_bucket_rows_cover_and_waste_little():
     for n in [1, 1000, 1025, 4097, 8192, 8193, 100_000, 1_000_000]:
         rows = bucket_rows(n, capacity=2_000_000)
