@@ -4,7 +4,7 @@ A sparse policy attends to a few chunks of each layer's KV a step. This module i
 
     StoreChunks        one layer's chunks of K or V out of the store into device slots (GPU, pinned CPU, disk)
     ChunkBuffer        the device slots, an LRU cache per KV head: a step fetches only the chunks it misses
-    attention_recall   the exact attention mass the attended tokens hold (for evaluation)
+    attention_recall   the exact attention mass the attended tokens hold (for evaluation; keys kept by keep_keys)
 
 **Reading chunks.** Chunks of one layer's keys or values read out of the tiered store into device slots, wherever they live.
 
@@ -249,6 +249,19 @@ class ChunkBuffer:
     def buffers(self) -> tuple[int, ...]:
         """Addresses a graphed step reads: they change when `reserve` grows the buffer."""
         return tuple(t.data_ptr() for t in (self.k, self.v, self.slot_chunk, self.slot_age, self.chunk_slot))
+
+
+def keep_keys(all_k: torch.Tensor | None, start: int, kt: torch.Tensor) -> torch.Tensor:
+    """``all_k`` (Hkv, >= n, D) with the rotated keys ``kt`` (Hkv, T, D) of tokens start.. written in, grown by
+    doubling: every key kept aside for `attention_recall` (evaluation only)."""
+    end = start + kt.shape[1]
+    if all_k is None or all_k.shape[1] < end:
+        grown = torch.zeros(kt.shape[0], max(end, 2 * start, 256), kt.shape[2], dtype=kt.dtype, device=kt.device)
+        if all_k is not None:
+            grown[:, :start] = all_k[:, :start]
+        all_k = grown
+    all_k[:, start:end] = kt
+    return all_k
 
 
 def attention_recall(q: torch.Tensor, keys: torch.Tensor, covered: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,8 @@ A forward of T new tokens at positions start.. attends, per layer, to
     + the new tokens themselves     (causal)
 each part giving (out, lse), merged exactly by log-sum-exp; then the new K, V are appended to the store.
 The same code serves a prefill chunk and a decode step: chunked prefill never needs the whole KV on the
-GPU. The exact policy runs every step through it; sparse policies run their prefill through it.
+GPU. The exact policy runs every step through it; sparse policies run their prefill through it, and share
+`SparseStoreCache`, the plumbing of a cache whose layers do.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Callable, Iterator
 import torch
 
 from .attention import ChunkAttention
+from .kv import KVCache
 from .pages import KEYS, VALUES
 from .store import KVStore
 
@@ -73,3 +75,34 @@ def token_runs(store: KVStore, layer: int, n_tokens: int) -> Iterator[tuple[torc
     if rest and n_tokens // P == len(store.pages[layer]):
         page = store.open_page(layer)
         yield page[0, :, :rest], page[1, :, :rest]
+
+
+class SparseStoreCache(KVCache):
+    """What a sparse policy's cache over the store shares: ``store``, ``reader`` and ``layers`` (set by the
+    subclass; each layer has ``load``, ``covered`` and ``last_step``), the prefill stream started once per
+    forward, the session paths, and `attended` from the layers' last selection."""
+
+    _prefill_from: int | None = None
+
+    def layer(self, i: int):
+        return self.layers[i]
+
+    def reserve(self, n: int) -> int:
+        self._prefill_from = None   # the prefill stream starts with the first layer that prefills
+        return super().reserve(n)
+
+    def begin_prefill(self, start: int) -> None:
+        """Start streaming the stored prefix to the layers (once per forward; decode steps never stream)."""
+        if self._prefill_from != start:
+            self.reader.begin(start)
+            self._prefill_from = start
+
+    def token_runs(self, layer, n_tokens):
+        return token_runs(self.store, layer, n_tokens)
+
+    def load_tokens(self, layer, start, k, v):
+        self.layers[layer].load(start, k, v)
+
+    def attended(self, layer: int) -> torch.Tensor:
+        lay = self.layers[layer]
+        return lay.covered(*lay.last_step)

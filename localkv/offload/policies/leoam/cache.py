@@ -28,11 +28,10 @@ from ....errors import UserError
 from ....models.args import ModelArgs
 from ....units import parse_bytes
 from ...chunks import CPU_TIER, DEVICE_TIER, DISK_TIER, ChunkBuffer
-from ...kv import KVCache
 from ...pages import PageGeometry
 from ...pipeline import BlockReader
 from ...store import Budgets, KVStore
-from ...streamed import token_runs
+from ...streamed import SparseStoreCache
 from .chunking import UNIT
 from .disk_reads import DiskBlocks
 from .layer import LeoAMLayer
@@ -173,7 +172,7 @@ def fitting_options(args: ModelArgs, ctx_tokens: int, elt: int, cfg: LeoAMConfig
     return {"abstract_dtype": dtype, "cache_factor": factor}
 
 
-class LeoAM(KVCache):
+class LeoAM(SparseStoreCache):
     """Sparse attention over variable-size chunks scored by min/max abstracts, the KV in the tiered store."""
 
     name = "leoam"
@@ -202,24 +201,10 @@ class LeoAM(KVCache):
         self.selected_chunks = 0   # distinct chunks among them
         self.selection_rows = 0    # (layer, head, step) triples that selected
         self.decode_tokens = 0     # tokens decoded (counted once per forward)
-        self._prefill_from: int | None = None
         self.layers = [LeoAMLayer(self, i) for i in range(args.n_layers)]
-
-    def layer(self, i: int) -> LeoAMLayer:
-        return self.layers[i]
 
     def budget_tokens(self, n: int) -> int:
         return budget_tokens(self.config.budget, n)
-
-    def reserve(self, n: int) -> int:
-        self._prefill_from = None   # the prefill stream starts with the first layer that prefills
-        return super().reserve(n)
-
-    def begin_prefill(self, start: int) -> None:
-        """Start streaming the stored prefix to the layers (once per forward; decode steps never stream)."""
-        if self._prefill_from != start:
-            self.reader.begin(start)
-            self._prefill_from = start
 
     def truncate(self, n: int) -> None:
         super().truncate(n)
@@ -228,16 +213,6 @@ class LeoAM(KVCache):
         for lay in self.layers:
             lay.truncate(n)
         self.store.truncate(n)
-
-    def token_runs(self, layer, n_tokens):
-        return token_runs(self.store, layer, n_tokens)
-
-    def load_tokens(self, layer, start, k, v):
-        self.layers[layer].load(start, k, v)
-
-    def attended(self, layer: int) -> torch.Tensor:
-        lay = self.layers[layer]
-        return lay.covered(*lay.last_step)
 
     def stats(self):
         g = self.store.geometry

@@ -31,7 +31,7 @@ import weakref
 import torch
 
 from ....kernels import chunk_scores, quantize_minmax, sparse_attention, topk_ids
-from ...chunks import ChunkBuffer, attention_recall
+from ...chunks import ChunkBuffer, attention_recall, keep_keys
 from ...pages import KEYS, VALUES
 from ...streamed import StreamedAttention
 from .chunking import UNIT, Growing, abstracts, cut_fixed, cut_variable, unit_rows
@@ -114,7 +114,7 @@ class LeoAMLayer:
         """Tokens start.. (rotated keys, values (T, Hkv, D), already in the store) into the sink and the window."""
         kt, vt = k_rot.transpose(0, 1).to(self.dtype), v.transpose(0, 1).to(self.dtype)   # (Hkv, T, D)
         if self.cfg.measure_recall:
-            self._keep_aside(start, kt)
+            self.all_k = keep_keys(self.all_k, start, kt)
         s = max(0, min(self.S - start, kt.shape[1]))   # how many go to the sink
         if s:
             self.sink_k = torch.cat([self.sink_k, kt[:, :s]], 1)
@@ -163,15 +163,6 @@ class LeoAMLayer:
         self.pending = self.pending[:0]
         self.win_k, self.win_v = self.win_k[:, B:], self.win_v[:, B:]
         self.W += B
-
-    def _keep_aside(self, start: int, kt: torch.Tensor) -> None:
-        end = start + kt.shape[1]
-        if self.all_k is None or self.all_k.shape[1] < end:
-            grown = torch.zeros(self.Hkv, max(end, 2 * start, 256), self.D, dtype=self.dtype, device=self.device)
-            if self.all_k is not None:
-                grown[:, :start] = self.all_k[:, :start]
-            self.all_k = grown
-        self.all_k[:, start:end] = kt
 
     # -- decode attention ----------------------------------------------------------------------------------
     def budget_units(self) -> int:

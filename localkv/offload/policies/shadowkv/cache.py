@@ -45,12 +45,11 @@ from ....errors import UserError
 from ....models.args import ModelArgs
 from ....models.rope import Rope, rotate_half
 from ...chunks import CPU_TIER, DEVICE_TIER, DISK_TIER
-from ...kv import KVCache
 from ...machine import gpu_room
 from ...pages import PageGeometry
 from ...pipeline import BlockReader
 from ...store import Budgets, KVStore
-from ...streamed import token_runs
+from ...streamed import SparseStoreCache
 from .graph import graph_view, signature
 from .layer import NO_EXACT_KEYS, ShadowKVLayer
 
@@ -197,7 +196,7 @@ def index_on_host(args: ModelArgs, ctx_tokens: int, elt: int, gpu_room: int) -> 
     return plan_bytes(args, ctx_tokens, elt)[0] > gpu_room
 
 
-class ShadowKV(KVCache):
+class ShadowKV(SparseStoreCache):
     """Sparse attention over low-rank keys and fetched values, the KV in the tiered store."""
 
     name = "shadowkv"
@@ -232,21 +231,7 @@ class ShadowKV(KVCache):
         self.recall = torch.zeros(2, dtype=torch.float64, device=device)  # Σ recall, rows measured
         self.selected = 0        # chunks selected, over layers, heads and steps
         self.decode_tokens = 0   # tokens decoded (counted once per forward)
-        self._prefill_from: int | None = None
         self.layers = [ShadowKVLayer(self, i) for i in range(args.n_layers)]
-
-    def layer(self, i: int) -> ShadowKVLayer:
-        return self.layers[i]
-
-    def reserve(self, n: int) -> int:
-        self._prefill_from = None  # the prefill stream starts with the first layer that prefills
-        return super().reserve(n)
-
-    def begin_prefill(self, start: int) -> None:
-        """Start streaming the stored prefix to the layers (once per forward; decode steps never stream)."""
-        if self._prefill_from != start:
-            self.reader.begin(start)
-            self._prefill_from = start
 
     def truncate(self, n: int) -> None:
         for lay in self.layers:
@@ -268,7 +253,7 @@ class ShadowKV(KVCache):
 
     def token_runs(self, layer, n_tokens):
         self._exportable()
-        return token_runs(self.store, layer, n_tokens)
+        return super().token_runs(layer, n_tokens)
 
     def export_pages(self, layer, n_tokens, page_tokens):
         self._exportable()   # now, not at the first page: a session save checks before it writes anything
@@ -278,13 +263,6 @@ class ShadowKV(KVCache):
         if not self.config.exact_keys:
             raise UserError(f"{NO_EXACT_KEYS}: its KV cannot be saved as a session or handed to another "
                             "policy; use exact_keys=True for that")
-
-    def load_tokens(self, layer, start, k, v):
-        self.layers[layer].load(start, k, v)
-
-    def attended(self, layer: int) -> torch.Tensor:
-        lay = self.layers[layer]
-        return lay.covered(*lay.last_step)
 
     def stats(self):
         cfg, g = self.config, self.store.geometry

@@ -30,7 +30,7 @@ import torch
 from ....errors import UserError
 from ....kernels import lowrank_rope, sparse_attention
 from ...pages import KEYS, VALUES
-from ...chunks import ChunkBuffer, StoreChunks, attention_recall
+from ...chunks import ChunkBuffer, StoreChunks, attention_recall, keep_keys
 from ...streamed import StreamedAttention
 from .selection import budget_chunks, select_chunks
 from .index import ChunkIndex, outlier_count
@@ -113,7 +113,7 @@ class ShadowKVLayer:
         self.lowrank.append(start, k)
         kt, vt = k_rot.transpose(0, 1).to(self.dtype), v.transpose(0, 1).to(self.dtype)  # (Hkv, T, D)
         if self.cfg.measure_recall:
-            self._keep_aside(start, kt)
+            self.all_k = keep_keys(self.all_k, start, kt)
         self.n = start + T
         self.cache.tables.ensure(self.n)
         if seal:
@@ -300,15 +300,6 @@ class ShadowKVLayer:
         lowrank_rope(lr.u, lr.sv, sel, cache.tables.cos, cache.tables.sin, buf.k, chunk_tokens=self.C, dst=slots)
         if side is not None:
             torch.cuda.current_stream(self.device).wait_stream(side)  # the values land before the attention
-
-    def _keep_aside(self, start: int, kt: torch.Tensor) -> None:
-        end = start + kt.shape[1]
-        if self.all_k is None or self.all_k.shape[1] < end:
-            grown = torch.zeros(self.Hkv, max(end, 2 * start, 256), self.D, dtype=self.dtype, device=self.device)
-            if self.all_k is not None:
-                grown[:, :start] = self.all_k[:, :start]
-            self.all_k = grown
-        self.all_k[:, start:end] = kt
 
     def covered(self, sel: torch.Tensor | None, W: int, n: int) -> torch.Tensor:
         """(Hkv, n) bool: the tokens a step with selection ``sel`` attends, [sink | outliers | selected | recent]."""
