@@ -59,7 +59,7 @@ def test_view_step_equals_eager_decode(exact_keys):
         assert a[key] == pytest.approx(b[key], rel=1e-5), key
     for la, lb in zip(eager.layers, viewed.layers):
         # parked keys are summed in one matmul, eager ones a row at a time: fp32 order differs
-        torch.testing.assert_close(la.lowrank.gram_full, lb.lowrank.gram_full, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(la.lowrank.gram_full, lb.lowrank.gram_full, rtol=1e-4, atol=1e-3)   # sums of many products, in another order
         if not exact_keys:   # the store's values alike, no keys kept beside them; the first block's keys alike
             assert lb.cache.store.open.shape[1] == 1 and lb.lowrank.fixed
             torch.testing.assert_close(lb.cache.store.open, la.cache.store.open, atol=1e-4, rtol=1e-4)  # as logits
