@@ -6,7 +6,8 @@ A sparse policy attends to a few chunks of each layer's KV a step. This module i
     ChunkBuffer        the device slots, an LRU cache per KV head: a step fetches only the chunks it misses
     attention_recall   the exact attention mass the attended tokens hold (for evaluation; keys kept by keep_keys)
 
-**Reading chunks.** Chunks of one layer's keys or values read out of the tiered store into device slots, wherever they live.
+**Reading chunks.** Chunks of one layer's keys or values are read out of the tiered store into device slots,
+wherever they live.
 
 Page p of a layer holds tokens ``p*P ..``; chunk c (tokens ``c*C ..``, C dividing P) sits in page ``c*C // P``
 at token offset ``o = c*C % P``. A page is ``(parts, Hkv, P, D)`` (K and V, or V alone) with each head's tokens
@@ -285,3 +286,10 @@ def attention_recall(q: torch.Tensor, keys: torch.Tensor, covered: torch.Tensor)
     p = torch.softmax(s, dim=-1)
     recall = (p * covered[:, None, :]).sum(-1)                  # (Hkv, G*T)
     return recall.reshape(Hq, T).T
+
+
+def add_recall(totals: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, covered: torch.Tensor) -> None:
+    """Add a step's `attention_recall` to ``totals`` (2,) fp64: Σ recall over its (token, head) rows, and the rows."""
+    recall = attention_recall(q, keys, covered)
+    totals[0] += recall.sum().double()
+    totals[1] += recall.numel()

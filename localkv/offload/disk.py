@@ -2,9 +2,9 @@
 
 Slot ``s`` of layer ``l`` lives at byte ``s * slot_bytes`` of ``layer_{l:03d}.kv``. A page is written once
 (KV is append-only) with its crc32 kept in memory and in a session's manifest, and the crc32 of each of its
-4096-byte blocks, so that a policy reading a few chunks of a page (`read_blocks`) checks what it read; reads go through O_DIRECT
-where the file system supports it (the page cache would otherwise hide the disk's real speed and double
-the memory a long context takes), and fall back to buffered I/O where it does not (tmpfs refuses O_DIRECT).
+4096-byte blocks, so that a policy reading a few chunks of a page (`read_blocks`) checks what it read; reads go
+through O_DIRECT where the file system supports it (the page cache would otherwise hide the disk's real speed and
+double the memory a long context takes), and fall back to buffered I/O where it does not (tmpfs refuses O_DIRECT).
 I/O is plain ``os.pwrite``/``os.preadv`` into caller-owned buffers; buffers that are not 4096-aligned
 go through an aligned bounce buffer.
 """
@@ -185,7 +185,7 @@ class DiskTier:
                                 f"mismatch in its block {first + i}): the disk tier cannot be trusted; remove "
                                 f"{self.directory} and prefill again")
         self.bytes_read += end
-        return torch.frombuffer(bytearray(buf[:nbytes]), dtype=torch.uint8)
+        return torch.frombuffer(buf, dtype=torch.uint8)   # over the read's own buffer, no copy
 
     @property
     def used_bytes(self) -> int:

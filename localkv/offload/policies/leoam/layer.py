@@ -31,7 +31,7 @@ import weakref
 import torch
 
 from ....kernels import chunk_scores, quantize_minmax, sparse_attention, topk_ids
-from ...chunks import ChunkBuffer, attention_recall, keep_keys
+from ...chunks import ChunkBuffer, add_recall, keep_keys
 from ...pages import KEYS, VALUES
 from ...streamed import StreamedAttention
 from .chunking import UNIT, Growing, abstracts, cut_fixed, cut_variable, unit_rows
@@ -198,7 +198,7 @@ class LeoAMLayer:
             cache.selection_rows += self.Hkv
         self.last_step = (sel, self.W, self.n)   # what `covered` needs of it (`KVCache.attended`)
         if self.cfg.measure_recall:
-            self._measure(q, sel)
+            add_recall(self.cache.recall, q, self.all_k[:, :self.n], self.covered(sel, self.W, self.n))
         return out
 
     def _select(self, q: torch.Tensor, k: int) -> torch.Tensor:
@@ -226,12 +226,6 @@ class LeoAMLayer:
             tok = (sel[:, :, None] * UNIT + torch.arange(UNIT, device=self.device)).flatten(1)
             covered.scatter_(1, tok, True)
         return covered
-
-    def _measure(self, q: torch.Tensor, sel: torch.Tensor | None) -> None:
-        """Exact attention mass on the attended tokens, against every key so far."""
-        recall = attention_recall(q, self.all_k[:, :self.n], self.covered(sel, self.W, self.n))   # (T, Hq)
-        self.cache.recall[0] += recall.sum().double()
-        self.cache.recall[1] += recall.numel()
 
     # -- rolling back --------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -267,7 +261,8 @@ class LeoAMLayer:
         self.buffer.forget_from(W // UNIT)
         self.sink_k, self.sink_v = self.sink_k[:, :m], self.sink_v[:, :m]
         if m > W:
-            runs = [torch.cat([r for _, r in self.chunks.token_runs(p, W, m)], 1).to(self.dtype) for p in (KEYS, VALUES)]
+            runs = [torch.cat([r for _, r in self.chunks.token_runs(p, W, m)], 1).to(self.dtype)
+                    for p in (KEYS, VALUES)]
             self.win_k, self.win_v = runs
         else:
             self.win_k, self.win_v = self.win_k[:, :0], self.win_v[:, :0]
@@ -287,7 +282,8 @@ class LeoAMLayer:
 
     def device_bytes(self) -> int:
         held = [self.sink_k, self.sink_v, self.win_k, self.win_v] + ([self.all_k] if self.all_k is not None else [])
-        grown = sum(g.nbytes() for g in (self._kmin, self._kmax, self._scale, self._log2, self._unit_chunk) if g is not None)
+        parts = (self._kmin, self._kmax, self._scale, self._log2, self._unit_chunk)
+        grown = sum(g.nbytes() for g in parts if g is not None)
         own = self.buffer.device_bytes() if self.buffer is not self.cache.shared_buffer else 0
         return own + grown + sum(t.numel() * t.element_size() for t in held)
 

@@ -30,7 +30,7 @@ import torch
 from ....errors import UserError
 from ....kernels import lowrank_rope, sparse_attention
 from ...pages import KEYS, VALUES
-from ...chunks import ChunkBuffer, StoreChunks, attention_recall, keep_keys
+from ...chunks import ChunkBuffer, StoreChunks, add_recall, keep_keys
 from ...streamed import StreamedAttention
 from .selection import budget_chunks, select_chunks
 from .index import ChunkIndex, outlier_count
@@ -283,7 +283,7 @@ class ShadowKVLayer:
                 cache.index_reads += (n_chunks * self.D + k * C * self.lowrank.rank) * self.Hkv * elt
         self.last_step = (sel, self.W, self.n)   # what `covered` needs of it (`KVCache.attended`)
         if self.cfg.measure_recall:
-            self._measure(q, sel)
+            add_recall(self.cache.recall, q, self.all_k[:, :self.n], self.covered(sel, self.W, self.n))
         return out
 
     def _fill(self, sel: torch.Tensor, slots: torch.Tensor, dst: torch.Tensor) -> None:
@@ -307,18 +307,13 @@ class ShadowKVLayer:
         covered = torch.zeros(self.Hkv, n, dtype=torch.bool, device=self.device)
         covered[:, :self.sink_rows] = True
         covered[:, W:] = True
-        chunks = torch.zeros(self.Hkv, self.n // C + 1, dtype=torch.bool, device=self.device)  # outliers sealed since too
+        # every chunk up to n: outliers may have been sealed since the step
+        chunks = torch.zeros(self.Hkv, self.n // C + 1, dtype=torch.bool, device=self.device)
         chunks.scatter_(1, self.index.outliers, True)
         if sel is not None:
             chunks.scatter_(1, sel, True)
         covered[:, :n_chunks * C] |= chunks[:, :n_chunks].repeat_interleave(C, dim=1)
         return covered
-
-    def _measure(self, q: torch.Tensor, sel: torch.Tensor | None) -> None:
-        """Exact attention mass on the attended tokens, against every key so far."""
-        recall = attention_recall(q, self.all_k[:, :self.n], self.covered(sel, self.W, self.n))   # (T, Hq)
-        self.cache.recall[0] += recall.sum().double()
-        self.cache.recall[1] += recall.numel()
 
     # -- rolling back --------------------------------------------------------------------------------------
     @torch.inference_mode()
