@@ -90,11 +90,16 @@ class LLM:
     def chat(self, system: str | None = None) -> "Chat":
         """A multi-turn conversation whose KV carries over from turn to turn.
 
-        After ``load(..., session=PATH)`` the first call returns that saved conversation, resumed.
+        After ``load(..., session=PATH)`` the first call returns the conversation saved there, resumed (or a new
+        one when PATH holds none yet), and it saves itself there after every reply and during long prefills.
         """
         if self.resume_session is not None:
-            path, self.resume_session = self.resume_session, None
-            return self.load_session(path)
+            path, self.resume_session = Path(self.resume_session).expanduser(), None
+            if (path / "manifest.json").exists():
+                chat = self.load_session(path)
+                chat.session.autosave = path
+                return chat
+            return Chat(self, ChatSession(self.engine, system, autosave=path))
         return Chat(self, ChatSession(self.engine, system))
 
     def load_session(self, path: str | Path) -> "Chat":
@@ -158,7 +163,10 @@ def load(model: str | Path | None = None, *, ctx: str | int = "8K", policy: str 
         disk: a directory for the disk tier; by default ``$LOCALKV_HOME/kv``, used only when the context
             does not fit in GPU and CPU memory.
         kv_dtype: dtype the KV is stored in (default: ``dtype``).
-        session: a saved chat session to resume (``Chat.save``); its KV is read back, not recomputed.
+        session: a chat session's directory: the conversation saved there (``Chat.save``) is resumed by the first
+            ``chat()``, its KV read back, not recomputed; a directory that holds none starts one. Either way the
+            chat saves itself there after every reply, and every minute of a long prefill, so an interrupted
+            prefill resumes from what it had done.
         policy_options: the policy's options (``localkv policies`` lists each policy's, e.g. ``{"budget": 1/16}``);
             the planner counts them where they change what the KV takes.
 
@@ -197,8 +205,13 @@ def load(model: str | Path | None = None, *, ctx: str | int = "8K", policy: str 
     llm = LLM(loaded, engine)
     llm.plan = plan
     if session is not None:
+        from .offload.disk import check_writable
         from .offload.session import read_manifest
 
-        read_manifest(Path(session))  # a bad path fails now, not at the first chat
-        llm.resume_session = session
+        path = Path(session).expanduser()
+        if (path / "manifest.json").exists() or (path.is_dir() and any(path.iterdir())):
+            read_manifest(path)   # a damaged session, or a directory that is not one, fails now
+        else:
+            check_writable(path, "--session")  # where a new session will be saved
+        llm.resume_session = path
     return llm

@@ -25,7 +25,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: the GPU if there is one)")
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--gpu-mem", default=None, help="KV budget on the GPU, e.g. 4GB (default: what is free)")
-    p.add_argument("--cpu-mem", default=None, help="KV budget in pinned CPU memory, e.g. 16GB (default: 60%% of free RAM)")
+    p.add_argument("--cpu-mem", default=None,
+                   help="KV budget in pinned CPU memory, e.g. 16GB (default: 60%% of free RAM)")
     p.add_argument("--disk", default=None, metavar="DIR",
                    help="directory for the disk tier (default: $LOCALKV_HOME/kv, used only when needed)")
     p.add_argument("--kv-dtype", default=None, help="dtype of the stored KV: fp32, fp16, bf16 (default: --dtype)")
@@ -52,7 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--repeat-penalty", type=float, default=1.0)
     run.add_argument("--seed", type=int, default=None)
     run.add_argument("--no-tui", action="store_true", help="plain line-by-line chat instead of the app")
-    run.add_argument("--session", default=None, metavar="PATH", help="resume a saved chat session")
+    run.add_argument("--session", default=None, metavar="PATH",
+                     help="a chat session directory: resumed when it holds one, else started; saved there after "
+                          "every reply and every minute of a long prefill (its KV included, so the same document "
+                          "is not prefilled twice)")
     run.set_defaults(func=cmd_run)
 
     plan = sub.add_parser("plan", help="what would live where for a model and context, and how fast")
@@ -76,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--ctx", default="2K", help="contexts, comma-separated: 32K,128K,1M (default 2K)")
     bench.add_argument("--policy", default=None, help="policies, comma-separated (default: exact; "
                        "`localkv policies` lists them)")
-    bench.add_argument("--budget", default=None, help="budget= of the sparse policies, comma-separated: 2048, 1/16")
+    bench.add_argument("--budget", default=None, help="budget= of the sparse policies, comma-separated: 2048, 1/16, "
+                       "default")
     bench.add_argument("--policy-opt", default=None, metavar="KEY=VALUE,...", help="options of every sparse "
                        "policy's rows, comma-separated: rank=128,sink_tokens=16")
     bench.add_argument("--gpu-mem", default=None, help="KV budget on the GPU, e.g. 4GB (default: what is free)")
@@ -109,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "tokens (2048), shares of the context (1/16) or 'default'; default 1/32,1/16,1/8")
     ev.add_argument("--policy-opt", default=None, metavar="KEY=VALUE,...", help="more options of every sparse "
                     "policy's rows, comma-separated: sink_tokens=16")
+    ev.add_argument("--gpu-mem", default=None, help="KV budget on the GPU (the device's memory on a CPU), e.g. "
+                    "64MB: with --cpu-mem and --disk, runs every policy over the tiers")
+    ev.add_argument("--cpu-mem", default=None, help="KV budget in (pinned) CPU memory, e.g. 16MB")
+    ev.add_argument("--disk", default=None, metavar="DIR", help="directory for the disk tier")
     ev.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON")
     ev.add_argument("--device", default=None, help="cuda, cpu, ... (default: the GPU if there is one)")
     ev.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: bf16 on GPU, fp32 on CPU)")
@@ -184,9 +193,15 @@ def cmd_run(args) -> int:
     options = dict(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed, top_k=args.top_k,
                    top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repeat_penalty)
     if prompt is not None:
-        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-            {"role": "user", "content": prompt}]
-        for event in llm.stream(messages, **options):
+        if args.session is not None:   # through the saved chat: its KV reused, the reply saved with it
+            chat = llm.chat(system=args.system)
+            _say_pending(chat)
+            events = chat.send(prompt, **options)
+        else:
+            messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+                {"role": "user", "content": prompt}]
+            events = llm.stream(messages, **options)
+        for event in events:
             if event.text:
                 sys.stdout.write(event.text)
                 sys.stdout.flush()
@@ -200,6 +215,13 @@ def cmd_run(args) -> int:
     from .tui.repl import run_repl
 
     return run_repl(llm, system=args.system, options=options)
+
+
+def _say_pending(chat) -> None:
+    pending = chat.session.pending
+    if pending:
+        print(f"session: a message's prefill was interrupted ({chat.context_tokens:,} tokens kept); sending it "
+              f"again continues from there", file=sys.stderr)
 
 
 def cmd_plan(args) -> int:
@@ -274,10 +296,17 @@ def _check_results_dir(path: Path) -> None:
         raise UserError(f"cannot write results under {path}: not a writable directory") from None
 
 
+def _budgets(text: str | None) -> list[tuple[str, int | float | None]]:
+    """--budget of bench and eval: (label, value) pairs, "default" meaning the policy's own (None)."""
+    from .units import parse_budget
+
+    return [(b, None if b == "default" else parse_budget(b)) for b in _split(text)]
+
+
 def cmd_bench(args) -> int:
     from .bench import BenchConfig, plot_result, run_bench, table, write_json
     from .offload import policies
-    from .units import parse_budget, parse_bytes, parse_tokens
+    from .units import parse_bytes, parse_tokens
 
     if args.model and args.shape:
         raise UserError("give a MODEL or a --shape, not both")
@@ -285,7 +314,7 @@ def cmd_bench(args) -> int:
     config = BenchConfig(
         ctxs=[parse_tokens(c) for c in _split(args.ctx)], policies=_split(args.policy or policies.DEFAULT),
         model=args.model,
-        shape=args.shape, budgets=[(b, parse_budget(b)) for b in _split(args.budget)],
+        shape=args.shape, budgets=_budgets(args.budget),
         options=_policy_options(args.policy_opt),
         gpu_mem=size(args.gpu_mem), cpu_mem=size(args.cpu_mem), gpu_cap=size(args.gpu_cap),
         disk=Path(args.disk).expanduser() if args.disk else None, peers=_split(args.peer),
@@ -311,19 +340,20 @@ def cmd_bench(args) -> int:
 def cmd_eval(args) -> int:
     from . import api
     from .eval import fidelity, fidelity_table, read_texts, sparse_policies
-    from .units import parse_budget, parse_tokens
+    from .units import parse_tokens
 
     text = read_texts(args.text)
     ctxs = [parse_tokens(c) for c in _split(args.ctx)]
     if not ctxs or args.continuation <= 0:
         raise UserError("--ctx needs a value and --continuation must be positive")
     policies = _split(args.policy) or sparse_policies()
-    budgets = [(b, None if b == "default" else parse_budget(b)) for b in _split(args.budget)]
+    budgets = _budgets(args.budget)
     options = _policy_options(args.policy_opt)
     out = Path(args.json).expanduser() if args.json else None
     if out is not None:
         _check_results_dir(out.parent)
-    llm = api.load(args.model, ctx=max(ctxs) + args.continuation + 1, device=args.device, dtype=args.dtype)
+    llm = api.load(args.model, ctx=max(ctxs) + args.continuation + 1, device=args.device, dtype=args.dtype,
+                   gpu_mem=args.gpu_mem, cpu_mem=args.cpu_mem, disk=args.disk)
     ids = llm.engine.encode_raw(text)
     rows = fidelity(llm, ids, ctxs, args.continuation, policies, budgets,
                     progress=lambda line: print(line, file=sys.stderr, flush=True), options=options)

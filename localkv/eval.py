@@ -147,17 +147,20 @@ def fidelity(llm, text_ids: list[int], ctxs: list[int], continuation: int, polic
                                                 cont)
                 kl, top1 = _compare(ref, logits)
                 recall = stats.get("attention_recall") if sparse else 1.0
+                held = sum(stats.get(f"{t}_tokens", 0) for t in ("gpu", "cpu", "disk"))
                 rows.append({"ctx": ctx, "policy": policy, "budget": label, "kl": kl, "top1": top1,
-                             "attention_recall": None if recall is None else float(recall)})
+                             "attention_recall": None if recall is None else float(recall),
+                             "disk_share": stats.get("disk_tokens", 0) / held if held else 0.0,
+                             "disk_pages_int4": stats.get("disk_pages_int4")})
     return rows
 
 
 def fidelity_table(rows: list[dict]) -> str:
     """``fidelity``'s rows as the table ``localkv eval`` prints."""
     lines = [f"{'ctx':<6}  {'policy':<12}  {'budget':<8}  {'KL(exact||policy)':>17}  {'top-1':>6}  "
-             f"{'attention recall':>16}"]
+             f"{'attention recall':>16}  {'on disk':>7}"]
     for r in rows:
         recall = "n/a" if r["attention_recall"] is None else f"{r['attention_recall']:.3f}"
         lines.append(f"{format_tokens(r['ctx']):<6}  {r['policy']:<12}  {r['budget'] or '-':<8}  {r['kl']:>17.2e}  "
-                     f"{r['top1']:>6.3f}  {recall:>16}")
+                     f"{r['top1']:>6.3f}  {recall:>16}  {r.get('disk_share', 0.0):>7.0%}")
     return "\n".join(lines)

@@ -155,10 +155,10 @@ def run_policy(loaded: LoadedModel, variant: Variant, ctx: int, plan: Plan, conf
                     prefill_chunk=_chunk(config, device), budgets=_budgets(plan), kv_dtype=dtype, **options)
     seq = engine.new_sequence()
     try:
-        prefill_s, needles = None, None
+        prefill_s, needles, fill_s = None, None, None
         if config.synthetic_kv:
             needles = Needles.make(model, ctx, position=ctx + config.warmup + config.steps)
-            synth_fill(seq.cache, args, ctx, device=device, dtype=dtype, needles=needles)
+            fill_s = synth_fill(seq.cache, args, ctx, device=device, dtype=dtype, needles=needles, progress=progress)
         else:
             prefill_s = timed_prefill(engine, seq, ctx, progress)
         decode_times(engine, seq, config.warmup)
@@ -172,7 +172,7 @@ def run_policy(loaded: LoadedModel, variant: Variant, ctx: int, plan: Plan, conf
         del seq
     extra = {"policy": variant.policy, "options": plain(variant.options), "peak_bytes": peak_bytes(stats),
              "moved_bytes_per_token": moved_per_token(before, moved_bytes(stats), config.steps),
-             "hit_rate": stats.get("hit_rate"), "needle_recall": recall, "stats": plain(stats)}
+             "hit_rate": stats.get("hit_rate"), "needle_recall": recall, "fill_s": fill_s, "stats": plain(stats)}
     if device.type == "cuda":
         extra["gpu_allocated_peak"] = torch.cuda.max_memory_allocated(device)
     return make_row(variant.label, ctx, "synthesized" if config.synthetic_kv else "prefill", prefill_s, times,

@@ -8,6 +8,9 @@ policy finds.
 
 from __future__ import annotations
 
+import time
+from typing import Callable
+
 import torch
 
 from ..models.args import ModelArgs
@@ -17,10 +20,13 @@ from .needles import Needles
 
 @torch.inference_mode()
 def synth_fill(cache: KVCache, args: ModelArgs, n_tokens: int, *, device: torch.device | str,
-               dtype: torch.dtype, chunk: int = 8192, needles: Needles | None = None) -> None:
+               dtype: torch.dtype, chunk: int = 8192, needles: Needles | None = None,
+               progress: Callable[[str], None] | None = None) -> float:
     """Append ``n_tokens`` of random K and V to every layer of ``cache``, as a prefill would, computing nothing
-    (with ``needles`` planted)."""
+    (with ``needles`` planted); returns the seconds it took, reporting to ``progress`` every 10 s."""
+    cuda = torch.device(device).type == "cuda"
     start = cache.reserve(n_tokens)
+    t0 = last = time.perf_counter()
     for s in range(0, n_tokens, chunk):
         t = min(chunk, n_tokens - s)
         k = torch.randn(t, args.n_kv_heads, args.head_dim, device=device, dtype=dtype)  # (T, Hkv, D)
@@ -28,6 +34,10 @@ def synth_fill(cache: KVCache, args: ModelArgs, n_tokens: int, *, device: torch.
         for layer in range(args.n_layers):
             kl, vl = (k, v) if needles is None else needles.plant(layer, start + s, k, v)
             cache.load_tokens(layer, start + s, kl, vl)
+        if progress is not None and time.perf_counter() - last > 10:
+            last = time.perf_counter()
+            progress(f"  synthesized {s + t:,}/{n_tokens:,} tokens, {(s + t) / (last - t0):,.0f} tok/s")
     cache.commit(n_tokens)
-    if torch.device(device).type == "cuda":
+    if cuda:
         torch.cuda.synchronize()
+    return time.perf_counter() - t0

@@ -140,7 +140,7 @@ def make_plan(args: ModelArgs, ctx_tokens: int, *, model: str = "model", policy:
                 kv_bytes_per_token=per_token, weights_bytes=weights, device=str(device),
                 disk_dir=str(disk_dir) if disk_dir else None, policy_options=dict(fp.options))
     plan.gpu.budget, plan.cpu.budget, plan.disk.budget = gpu_budget, cpu_budget, disk_budget
-    total = gpu_budget + cpu_budget + disk_budget
+    total = gpu_budget + cpu_budget + disk_budget / fp.disk_ratio   # in bytes of KV as it is in memory
     if need > total:
         where = ", ".join(f"{n} {format_bytes(b)}" for n, b in (("GPU", gpu_budget), ("CPU", cpu_budget),
                                                                 ("disk", disk_budget)))
@@ -155,8 +155,9 @@ def make_plan(args: ModelArgs, ctx_tokens: int, *, model: str = "model", policy:
         plan.gpu.bytes = plan.gpu.tokens * (per_token // 2)
         tiers = tiers[1:]
     for tier, budget in tiers:
-        tier.tokens = min(left, budget // per_token)
-        tier.bytes = tier.tokens * per_token
+        size = per_token * (fp.disk_ratio if tier is plan.disk else 1)   # a page's bytes there
+        tier.tokens = min(left, int(budget // size))
+        tier.bytes = int(tier.tokens * size)
         left -= tier.tokens
     plan.tiered = (fp.gpu_values or plan.gpu.tokens < ctx_tokens
                    or gpu_mem is not None or cpu_mem is not None or disk is not None)

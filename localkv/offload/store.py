@@ -19,6 +19,10 @@ spends its GPU budget on copies of pages' values, twice the tokens a page of K a
 Every sealed page then has its *home*, K and V, in the CPU tier or on disk, and the GPU tier caches the values
 of the newest pages: sealing writes the page home and its V to the GPU while there is room, and a full GPU tier
 drops its oldest copy (nothing to move: the home has it). `locate` says where a page's keys or values are read.
+
+A store made with a ``disk_codec`` (`disk_codec.QuantizedPages`) keeps its disk pages quantized: cold KV, the
+oldest, at int8 or int4, as ``disk_bits(layer, page)`` says when the page goes down (a policy sets it from
+what it measured of the page; None: the codec's default). Reads from disk return the dequantized page.
 """
 
 from __future__ import annotations
@@ -90,7 +94,8 @@ def _remove_scratch(disk: DiskTier, path: Path) -> None:
 
 
 class KVStore:
-    def __init__(self, geometry: PageGeometry, budgets: Budgets, device: torch.device, gpu_values: bool = False):
+    def __init__(self, geometry: PageGeometry, budgets: Budgets, device: torch.device, gpu_values: bool = False,
+                 disk_codec=None):
         self.geometry = geometry
         self.budgets = budgets
         self.device = device
@@ -103,14 +108,15 @@ class KVStore:
         self.cpu = PagePool(geometry, per_layer(budgets.cpu_bytes, geometry), torch.device("cpu"), pin=on_gpu)
         self.disk = None
         if budgets.disk_dir is not None:
-            max_pages = None if budgets.disk_bytes is None else budgets.disk_bytes // geometry.page_bytes
+            slot_bytes = disk_codec.slot_bytes if disk_codec is not None else geometry.page_bytes
+            max_pages = None if budgets.disk_bytes is None else budgets.disk_bytes // slot_bytes
             from .disk import check_writable
 
             check_writable(Path(budgets.disk_dir))
             Path(budgets.disk_dir).mkdir(parents=True, exist_ok=True)
             # Each store has its own scratch directory, removed with the store.
             scratch = Path(tempfile.mkdtemp(prefix="kv-", dir=budgets.disk_dir))
-            self.disk = DiskTier(geometry, scratch, max_pages)
+            self.disk = DiskTier(geometry, scratch, max_pages, codec=disk_codec)
             weakref.finalize(self, _remove_scratch, self.disk, scratch)
         L = geometry.n_layers
         self.open = torch.zeros((L, *geometry.page_shape), dtype=geometry.dtype, device=device)
@@ -119,6 +125,8 @@ class KVStore:
         self.cpu_fifo: list[deque[int]] = [deque() for _ in range(L)]
         self.tokens = [0] * L
         self.moved = MoveCounters()
+        self.disk_bits = None
+        """(layer, page index) -> bits (8 or 4) for a page going to a quantized disk tier, or None for the default."""
 
     # -- writing -----------------------------------------------------------------------------------------
     def write(self, layer: int, start: int, k: torch.Tensor | None, v: torch.Tensor) -> None:
@@ -172,7 +180,7 @@ class KVStore:
             entry.cpu = slot
             self.cpu_fifo[layer].append(index)
         else:
-            entry.disk = self._write_disk(layer, data.cpu())
+            entry.disk = self._write_disk(layer, index, data)
 
     def _drop_gpu_values(self, layer: int, index: int) -> None:
         """A ``gpu_values`` store's GPU tier is full: the oldest copy of values goes (its home has them)."""
@@ -198,7 +206,7 @@ class KVStore:
             self.cpu_fifo[layer].append(index)
             self.moved.d2h += self.geometry.page_bytes if self.device.type == "cuda" else 0
         elif entry.disk < 0:
-            entry.disk = self._write_disk(layer, src.cpu())
+            entry.disk = self._write_disk(layer, index, src)
         self.gpu.release(layer, entry.gpu)
         entry.gpu = -1
 
@@ -212,18 +220,25 @@ class KVStore:
         entry = self.pages[layer][index]
         if entry.disk < 0:
             self._host_ready()
-            entry.disk = self._write_disk(layer, self.cpu.page(layer, entry.cpu))
+            entry.disk = self._write_disk(layer, index, self.cpu.page(layer, entry.cpu))
         self.cpu.release(layer, entry.cpu)
         entry.cpu = -1
 
-    def _write_disk(self, layer: int, page: torch.Tensor) -> int:
+    def _write_disk(self, layer: int, index: int, page: torch.Tensor) -> int:
+        """Send a page (on any device) to disk; returns its slot."""
         if self.disk is None:
             raise ContextOverflowError(
                 f"the KV cache outgrew the GPU and CPU budgets ({self.budgets.gpu_bytes / 2**30:.2f} GB + "
                 f"{self.budgets.cpu_bytes / 2**30:.2f} GB) at {self.tokens[layer]:,} tokens; "
                 f"give a --disk DIR, raise --cpu-mem, or lower --ctx")
-        slot = self.disk.write(layer, page)
-        self.moved.disk_write += self.geometry.page_bytes
+        bits = None
+        if self.disk.codec is None:
+            page = page.cpu()
+        else:   # quantized on the device: a page's worth of work, off the host
+            bits = self.disk_bits(layer, index) if self.disk_bits is not None else None
+            page = page.to(self.device, non_blocking=True)
+        slot = self.disk.write(layer, page, bits)
+        self.moved.disk_write += self.disk.stored[(layer, slot)]
         return slot
 
     # -- reading -----------------------------------------------------------------------------------------
@@ -306,7 +321,7 @@ class KVStore:
         else:
             page = torch.empty(self.geometry.page_shape, dtype=self.geometry.dtype)
             self.disk.read_into(layer, entry.disk, page, verify=True)
-            self.moved.disk_read += self.geometry.page_bytes
+            self.moved.disk_read += self.disk.stored[(layer, entry.disk)]
         if self.device.type == "cuda":
             self.moved.h2d += self.geometry.page_bytes
         return page.to(self.device)

@@ -3,17 +3,29 @@
 from __future__ import annotations
 
 import threading
+import time
+from pathlib import Path
 from typing import Iterator
 
 from .engine import Engine, GenerationParams
-from .events import Done, Event, TokenEvent
+from .events import Done, Event, PrefillProgress, TokenEvent
+
+CHECKPOINT_S = 60.0
+"""A session that saves itself (``autosave``) saves the KV of a long prefill this often: a prefill interrupted
+(a crash, Ctrl-C, a full disk) resumes from its last checkpoint instead of from the start."""
 
 
 class ChatSession:
-    """A conversation with one model. ``send`` streams the reply; the KV of earlier turns is reused."""
+    """A conversation with one model. ``send`` streams the reply; the KV of earlier turns is reused.
 
-    def __init__(self, engine: Engine, system: str | None = None):
+    With ``autosave`` set to a directory the session saves itself there after every reply and every
+    `CHECKPOINT_S` of a prefill (`offload.session`: each save appends only the new pages)."""
+
+    def __init__(self, engine: Engine, system: str | None = None, autosave: Path | None = None):
         self.engine = engine
+        self.autosave = Path(autosave).expanduser() if autosave is not None else None
+        self.pending: str | None = None
+        """A user message whose prefill a checkpoint caught (resumed sessions): send it again to continue."""
         self.messages: list[dict] = []
         if system:
             self.messages.append({"role": "system", "content": system})
@@ -42,8 +54,14 @@ class ChatSession:
             raise
         parts: list[str] = []
         replied = False  # a token was generated: from then on the reply is kept, whatever happens
+        saved_at = time.perf_counter()
         try:
             for event in self.engine.generate(self.seq, target, params or GenerationParams(), cancel):
+                if (isinstance(event, PrefillProgress) and self.autosave is not None and event.done < event.total
+                        and time.perf_counter() - saved_at >= CHECKPOINT_S):
+                    # the generator waits at this event: the cache holds exactly seq.ids
+                    self.save(self.autosave, messages=self.messages[:-1], pending=text)
+                    saved_at = time.perf_counter()
                 if isinstance(event, Done):
                     self.last = event
                     replied = True
@@ -58,18 +76,28 @@ class ChatSession:
                 self.messages.pop()
                 raise
             self.messages.append({"role": "assistant", "content": "".join(parts)})
+            self._autosave()
             raise
         else:
             self.messages.append({"role": "assistant", "content": "".join(parts)})
+            self._autosave()
 
-    def save(self, path) -> None:
-        """Write the conversation and its KV to the directory ``path`` (atomically; see offload.session)."""
+    def _autosave(self) -> None:
+        if self.autosave is not None:
+            self.save(self.autosave)
+            self.pending = None
+
+    def save(self, path, messages: list[dict] | None = None, pending: str | None = None) -> None:
+        """Write the conversation and its KV to the directory ``path`` (atomically; see offload.session);
+        ``pending``: a user message whose prefill the KV holds only part of (a checkpoint)."""
         from ..offload import session
 
         loaded = self.engine.loaded
-        session.save(path, self.seq.cache, self.seq.ids, self.messages,
-                     model=session.fingerprint(loaded.args, loaded.source),
-                     extra={"policy": self.engine.policy, "ctx_tokens": self.engine.ctx_tokens})
+        extra = {"policy": self.engine.policy, "ctx_tokens": self.engine.ctx_tokens}
+        if pending is not None:
+            extra["pending"] = pending
+        session.save(path, self.seq.cache, self.seq.ids, self.messages if messages is None else messages,
+                     model=session.fingerprint(loaded.args, loaded.source), extra=extra)
 
     @classmethod
     def resume(cls, engine: Engine, path) -> "ChatSession":
@@ -91,6 +119,7 @@ class ChatSession:
                                        f"{engine.ctx_tokens:,} leaves room for")
         chat = cls(engine)
         chat.messages = manifest["messages"]
+        chat.pending = manifest.get("pending")
         cache = chat.seq.cache
         args = loaded.args
         dtype = getattr(torch, manifest["kv_dtype"]) if manifest["kv_dtype"] else engine.kv_dtype

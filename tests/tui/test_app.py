@@ -477,6 +477,8 @@ def test_tier_rows_show_whatever_the_store_reports():
     assert "moved / token:" in lines and "  cpu: 4.0 KB" in lines
     assert "hit rate: 87.5%" in lines and "draft acceptance: 60.0%" in lines and "pages resident: 12" in lines
     assert traffic_lines({"bytes_moved_per_token": 1024}) == ["moved / token: 1.0 KB"]
+    leoam = traffic_lines({"moved_bytes_per_token": {"cpu": 1024, "disk_read": 4096}, "disk_wait_ms_per_token": 1.5})
+    assert leoam[:3] == ["chunks / token:", "  cpu: 1.0 KB", "  disk read: 4.0 KB"] and len(leoam) == 4
     rate = MovedPerToken()
     assert rate.update({"h2d": 100, "disk_read": 0}, 1) is None
     assert rate.update({"h2d": 500, "disk_read": 300}, 5) == {"h2d": 100, "disk_read": 75}

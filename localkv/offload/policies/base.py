@@ -84,6 +84,8 @@ class Footprint:
     gpu_values: bool = False
     """The GPU tier caches copies of values only (`KVStore.gpu_values`): twice the tokens, for a policy whose
     decode reads nothing else from the store."""
+    disk_ratio: float = 1.0
+    """Bytes a page takes on the disk tier over its bytes in memory (below 1 where the policy quantizes cold KV)."""
     options: dict[str, Any] = field(default_factory=dict)
     """Choices the placement made, passed to the policy's cache (the user's own options take precedence)."""
     overflow_hint: str = ""

@@ -113,6 +113,11 @@ def traffic_lines(cache: dict, extra: dict | None = None, moved_per_token: dict 
         lines.append(f"moved / token: {format_bytes(moved)}")
     if isinstance(cache.get("hit_rate"), (int, float)):
         lines.append(f"hit rate: {format_rate(cache['hit_rate'])}")
+    chunks = cache.get("moved_bytes_per_token")   # a sparse policy's selected chunks, by the tier they came from
+    if isinstance(chunks, dict):
+        lines.append("chunks / token:")
+        lines.extend(f"  {k.replace('_', ' ')}: {format_bytes(v)}" for k, v in chunks.items()
+                     if isinstance(v, (int, float)))
     for source in (cache, extra or {}):
         for key in ACCEPTANCE_KEYS:
             if isinstance(source.get(key), (int, float)):

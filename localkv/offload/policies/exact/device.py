@@ -27,6 +27,7 @@ class _ExactLayer:
         self.cache = weakref.proxy(cache)  # no cycle: the KV goes as soon as its cache does
         self.k: torch.Tensor | None = None  # (Hkv, allocated, D) rotated keys
         self.v: torch.Tensor | None = None
+        self.written = 0   # positions ever written (a session load writes before the cache commits its length)
 
     def _store(self, k: torch.Tensor, v: torch.Tensor, rp: RotaryPositions) -> int:
         start = rp.start
@@ -40,6 +41,7 @@ class _ExactLayer:
             self._grow(end, k)
         self.k[:, start:end] = k.transpose(0, 1)
         self.v[:, start:end] = v.transpose(0, 1)
+        self.written = end
 
     def _grow(self, needed: int, like: torch.Tensor) -> None:
         size = max(_MIN_ALLOC, self.k.shape[1] if self.k is not None else 0)
@@ -50,7 +52,7 @@ class _ExactLayer:
         k = like.new_empty(Hkv, size, D)
         v = like.new_empty(Hkv, size, D)
         if self.k is not None:
-            n = self.cache.length
+            n = min(max(self.cache.length, self.written), self.k.shape[1])   # graphs write past `written`
             k[:, :n], v[:, :n] = self.k[:, :n], self.v[:, :n]
         self.k, self.v = k, v
 

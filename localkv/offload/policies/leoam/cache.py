@@ -5,7 +5,9 @@ LeoAM (arXiv 2506.20187; research/methods.md) as localkv runs it. Every token's 
 the sink, the recent window, and for every sealed chunk its elementwise min and max key (the *abstract*); a
 decode step scores the abstracts, gathers the best chunks within the token budget from whichever tier holds them
 (GPU, pinned CPU or disk pages: from disk only the 4 KB blocks holding them are read), and attends exactly over
-``sink | selected chunks | window``. `layer` says how a step runs, `chunking` how chunks are cut.
+``sink | selected chunks | window``. `layer` says how a step runs, `chunking` how chunks are cut. With
+``disk_quant`` the pages the store sends to disk (the oldest: cold KV) are quantized (`offload.disk_codec`), int8
+or, for the pages of attention deserts, int4, and the selected units read from them are dequantized on the device.
 
 Prefill is exact (`offload.streamed`). A resumed session (`load_tokens`) chunks its
 tokens with keys standing in for the queries a session does not keep, so its chunks may differ from the live
@@ -28,6 +30,7 @@ from ....errors import UserError
 from ....models.args import ModelArgs
 from ....units import parse_bytes
 from ...chunks import CPU_TIER, DEVICE_TIER, DISK_TIER, ChunkBuffer
+from ...disk_codec import QuantizedPages
 from ...pages import PageGeometry
 from ...pipeline import BlockReader
 from ...store import Budgets, KVStore
@@ -81,6 +84,11 @@ class LeoAMConfig:
     abstract_dtype: str | None = None
     """"int8": abstracts quantized (a scale per chunk and head; half the bytes of bf16, the bound still holds);
     "kv": in the KV dtype. None: "kv", or "int8" where the plan needs it (1M tokens on a 24 GB card)."""
+    disk_quant: str | None = None
+    """Cold KV on the disk tier quantized (`offload.disk_codec`): "int8"; "mixed", int8 with int4 for the pages of
+    attention deserts (no 16-token unit holding over `DESERT_WEIGHT` times its even share of its block's measured
+    attention); "int4". None: pages on disk as they are in memory, or "mixed" where the plan needs it (the context
+    fits the tiers only with its disk pages quantized)."""
     io_threads: int = 4
     """Threads reading the selected chunks' disk blocks (0: read on the decode thread, uncached)."""
     disk_cache_bytes: int = 64 << 20
@@ -110,6 +118,8 @@ class LeoAMConfig:
         if not 0 < self.chunk_mass <= 1 or self.score_queries < 1 or not (
                 self.cache_factor is None or self.cache_factor == 0 or self.cache_factor >= 1):
             raise UserError("chunk_mass must be in (0, 1], score_queries >= 1 and cache_factor 0 or >= 1")
+        if self.disk_quant not in (None, "int8", "mixed", "int4"):
+            raise UserError(f"disk_quant must be 'int8', 'mixed' or 'int4', got {self.disk_quant!r}")
         if self.abstract_dtype not in (None, "kv", "int8"):
             raise UserError(f"abstract_dtype must be 'kv' or 'int8', got {self.abstract_dtype!r}")
 
@@ -130,6 +140,21 @@ def budget_tokens(budget: int | float | None, n_tokens: int) -> int:
     if isinstance(budget, float):
         return math.ceil(budget * n_tokens)
     return int(budget)
+
+
+DESERT_WEIGHT = 2.0
+"""``disk_quant="mixed"``: a page goes to disk at int4 when none of its units drew more than this many times its
+even share (1 / units) of its block's attention from the block's scoring queries; at int8 otherwise, and when its
+blocks are not yet sealed (or it holds sink tokens)."""
+
+
+def disk_ratio(args: ModelArgs, cfg: LeoAMConfig) -> float:
+    """Disk bytes of a page over its bytes in memory (bf16), for the planner; "mixed" counted at int8 (0.5 at int8,
+    0.25 at int4; their scales stay in host memory)."""
+    if not cfg.disk_quant:
+        return 1.0
+    geometry = PageGeometry(1, args.n_kv_heads, args.head_dim, cfg.page_tokens, torch.bfloat16)
+    return QuantizedPages(geometry).page_bytes(4 if cfg.disk_quant == "int4" else 8) / geometry.page_bytes
 
 
 DEFAULT_CACHE_FACTOR = 2.0
@@ -187,7 +212,12 @@ class LeoAM(SparseStoreCache):
         geometry = PageGeometry(args.n_layers, args.n_kv_heads, args.head_dim, cfg.page_tokens, dtype)
         if budgets is None:   # the whole context on the device (a CPU machine, or a GPU with room)
             budgets = Budgets(geometry.n_pages(capacity) * geometry.page_bytes * args.n_layers, 0)
-        self.store = KVStore(geometry, budgets, device)
+        codec = None
+        if cfg.disk_quant:
+            codec = QuantizedPages(geometry, default_bits=4 if cfg.disk_quant == "int4" else 8)
+        self.store = KVStore(geometry, budgets, device, disk_codec=codec)
+        if cfg.disk_quant == "mixed":
+            self.store.disk_bits = self._disk_bits
         self.reader = BlockReader(self.store, block_pages=cfg.block_pages, ring_blocks=cfg.ring_blocks)
         self.cache_factor = DEFAULT_CACHE_FACTOR if cfg.cache_factor is None else cfg.cache_factor
         self.int8_abstracts = cfg.abstract_dtype == "int8"
@@ -205,6 +235,10 @@ class LeoAM(SparseStoreCache):
 
     def budget_tokens(self, n: int) -> int:
         return budget_tokens(self.config.budget, n)
+
+    def _disk_bits(self, layer: int, page: int) -> int:
+        weight = self.layers[layer].page_weight(page)
+        return 4 if weight is not None and weight <= DESERT_WEIGHT else 8
 
     def truncate(self, n: int) -> None:
         super().truncate(n)
@@ -243,7 +277,11 @@ class LeoAM(SparseStoreCache):
             "disk_wait_ms_per_token": 1e3 * disk.wait_s / per_token,
             "cpu_cache_hit_rate": disk.hits / disk.requests if disk.requests else 0.0,
             "index_device_bytes": sum(lay.device_bytes() for lay in self.layers),
+            "disk_quant": self.config.disk_quant,
         }
+        if self.store.disk is not None and self.store.disk.codec is not None:
+            bits = list(self.store.disk.page_bits.values())
+            out["disk_pages_int4"] = bits.count(4) / len(bits) if bits else 0.0
         if self.config.measure_recall:
             total, rows = self.recall.tolist()
             out["attention_recall"] = total / rows if rows else None

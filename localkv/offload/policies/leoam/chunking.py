@@ -32,22 +32,27 @@ UNIT = 16
 
 
 def unit_rows(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """Per-query unit masses of one block (the ``row[p, j]`` of the module docstring).
+    """Per-query unit masses of blocks (the ``row[p, j]`` of the module docstring), one block or several at once.
 
     Args:
-        q: (T, Hq, D) post-RoPE queries that score the block.
-        keys: (Hkv, B, D) post-RoPE keys of the block, B a multiple of `UNIT`.
+        q: (T, Hq, D) post-RoPE queries that score one block, or (m, T, Hq, D) for m blocks.
+        keys: (Hkv, m * B, D) post-RoPE keys of the m blocks (m = 1 for one), B a multiple of `UNIT`.
 
     Returns:
-        (T, B // UNIT) fp32, each row's max over heads of the per-head unit mass.
+        (T, B // UNIT) fp32 for one block, (m, T, B // UNIT) for m: each row's max over heads of the per-head
+        unit mass.
     """
-    T, Hq, D = q.shape
-    Hkv, B, _ = keys.shape
-    G = Hq // Hkv
-    qg = q.float().transpose(0, 1).reshape(Hkv, G * T, D)             # rows (g, t) per KV head
-    s = (qg @ keys.float().transpose(1, 2)) * D ** -0.5               # (Hkv, G*T, B)
-    a = torch.softmax(s, dim=-1).view(Hkv, G, T, B // UNIT, UNIT).sum(-1)   # (Hkv, G, T, U) unit mass
-    return a.amax(dim=(0, 1))                                          # (T, U)
+    single = q.dim() == 3
+    if single:
+        q = q[None]
+    m, T, Hq, D = q.shape
+    Hkv = keys.shape[0]
+    G, B = Hq // Hkv, keys.shape[1] // m
+    qg = q.float().view(m, T, Hkv, G, D).permute(2, 0, 3, 1, 4).reshape(Hkv, m, G * T, D)   # rows (g, t)
+    s = (qg @ keys.float().view(Hkv, m, B, D).transpose(-1, -2)) * D ** -0.5               # (Hkv, m, G*T, B)
+    a = torch.softmax(s, dim=-1).view(Hkv, m, G, T, B // UNIT, UNIT).sum(-1)              # unit mass
+    rows = a.amax(dim=(0, 2))                                                               # (m, T, U)
+    return rows[0] if single else rows
 
 
 def cut_variable(rows: torch.Tensor, mass: float, max_units: int) -> list[int]:
@@ -79,15 +84,20 @@ def abstracts(keys: torch.Tensor, sizes_units: list[int]) -> tuple[torch.Tensor,
     """Elementwise min and max key of each chunk: (Hkv, C, D) each, from keys (Hkv, Σ sizes * UNIT, D).
 
     The upper bound a decode query scores a chunk with, ``Σ_d max(q_d kmin_d, q_d kmax_d) >= q·k`` for every key
-    k of the chunk, needs exactly these two vectors (`kernels.chunk_scores` with ``kmin=``, ``kmax=``)."""
+    k of the chunk, needs exactly these two vectors (`kernels.chunk_scores` with ``kmin=``, ``kmax=``). Computed
+    per unit, then reduced over each chunk's units (one scatter for any number of chunks)."""
     Hkv, n, D = keys.shape
-    lo, hi, a = [], [], 0
-    for c in sizes_units:
-        run = keys[:, a:a + c * UNIT]
-        lo.append(run.amin(1))
-        hi.append(run.amax(1))
-        a += c * UNIT
-    return torch.stack(lo, 1), torch.stack(hi, 1)
+    units = keys.view(Hkv, n // UNIT, UNIT, D)
+    lo, hi = units.amin(2), units.amax(2)                                  # (Hkv, U, D)
+    C = len(sizes_units)
+    if C == n // UNIT:   # every chunk one unit
+        return lo, hi
+    chunk = torch.repeat_interleave(torch.arange(C, device=keys.device),
+                                    torch.tensor(sizes_units, device=keys.device))
+    index = chunk[None, :, None].expand(Hkv, -1, D)
+    out = lo.new_empty(Hkv, C, D)
+    return (out.scatter_reduce(1, index, lo, "amin", include_self=False),
+            out.clone().scatter_reduce(1, index, hi, "amax", include_self=False))
 
 
 class Growing:

@@ -152,24 +152,48 @@ class LayerChunks(StoreChunks):
         self.disk_blocks = []
 
     def _from_disk(self, part: int, chunks: torch.Tensor, dst: torch.Tensor, out: torch.Tensor) -> None:
-        """The entries on disk (``dst`` >= 0): the blocks holding their runs requested at once (read in parallel),
-        then each run cut out of its blocks on the host and copied to its slot."""
+        """The entries on disk (``dst`` >= 0): the blocks holding their bytes requested at once (read in parallel),
+        then each entry's bytes cut out of its blocks on the host, decoded where the pages are quantized, and
+        copied to its slot."""
         h, j = (dst >= 0).nonzero(as_tuple=True)                 # the one host sync, for layers with disk pages
         if h.numel() == 0:
             return
-        g = self.store.geometry
+        g, disk = self.store.geometry, self.store.disk
         C, P, D, Hkv = self.C, g.page_tokens, g.head_dim, g.n_kv_heads
-        run = C * D * g.dtype.itemsize                              # bytes of one chunk of one head and part
         tok, hh = (chunks[h, j] * C).cpu(), h.cpu()
-        page = tok // P
-        start = ((g.part_index(part) * Hkv + hh) * P + tok % P) * run // C   # the run's first byte in its page
-        first, count = start // BLOCK, (start + run - 1) // BLOCK - start // BLOCK + 1
-        entries = list(zip(page.tolist(), first.tolist(), count.tolist(), (start - first * BLOCK).tolist()))
-        keys = sorted({(p, b + k) for p, b, n, _ in entries for k in range(n)})
+        pages = (tok // P).tolist()
+        codec, bits = disk.codec, None
+        if codec is None:   # a chunk of one head and part is one run of its page
+            size = C * D * g.dtype.itemsize
+            starts = (((g.part_index(part) * Hkv + hh) * P + tok % P) * size // C).tolist()
+            spans = [(a, size) for a in starts]
+        else:               # its codes in the page's encoding, at the page's bits; their scales are on the host
+            on_disk = [self.store.pages[self.layer][p].disk for p in pages]
+            bits = [disk.page_bits[(self.layer, s)] for s in on_disk]
+            units = (tok % P // C).tolist()
+            spans = [codec.span(part, h_, u, b) for h_, u, b in zip(hh.tolist(), units, bits)]
+            meta = [codec.unit_meta(disk.meta[(self.layer, s)], part, h_, u)
+                    for s, h_, u in zip(on_disk, hh.tolist(), units)]
+        keys = sorted({(p, b) for p, (a, n) in zip(pages, spans) for b in range(a // BLOCK, (a + n - 1) // BLOCK + 1)})
         self.reader.request(self.layer, keys)
         self.disk_blocks += keys
-        runs = torch.empty(len(entries), run, dtype=torch.uint8)
-        for i, (p, b, n, a) in enumerate(entries):
-            blocks = [self.reader.get(self.layer, p, b + k) for k in range(n)]
-            runs[i] = (blocks[0] if n == 1 else torch.cat(blocks))[a:a + run]
-        out.view(Hkv, -1, C * D)[h, dst[h, j]] = runs.view(g.dtype).view(-1, C * D).to(out.device)
+        runs = [self._cut(p, a, n) for p, (a, n) in zip(pages, spans)]
+        rows = out.view(Hkv, -1, C * D)
+        slots = dst[h, j]
+        if codec is None:
+            rows[h, slots] = torch.stack(runs).view(g.dtype).view(-1, C * D).to(out.device)
+            return
+        for b in (8, 4):   # a page's bits decide its runs' size: decoded in one batch per bits
+            pick = [i for i, bi in enumerate(bits) if bi == b]
+            if pick:
+                codes = torch.stack([runs[i] for i in pick]).to(out.device)
+                scales = torch.stack([meta[i] for i in pick]).to(out.device)
+                at = torch.tensor(pick, device=out.device)
+                rows[h[at], slots[at]] = codec.decode_units(codes, scales, part, b, out.dtype).view(-1, C * D)
+
+    def _cut(self, page: int, start: int, size: int) -> torch.Tensor:
+        """``size`` bytes from byte ``start`` of a disk page, out of its cached blocks, on the host."""
+        first, last = start // BLOCK, (start + size - 1) // BLOCK
+        blocks = [self.reader.get(self.layer, page, b) for b in range(first, last + 1)]
+        data = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+        return data[start - first * BLOCK:start - first * BLOCK + size]

@@ -126,43 +126,54 @@ class LeoAMLayer:
     def _advance(self, start: int, q_rot: torch.Tensor, group: int = 1) -> None:
         """Unit rows of the pending block from the queries q_rot (T, Hq, D) of tokens start.., then every block
         that is ready sealed (this forward's queries scoring the blocks after it too). ``group > 1``: q_rot is
-        (T, Hkv, D), keys standing in for queries, each repeated over its group only where rows are taken."""
+        (T, Hkv, D), keys standing in for queries, each repeated over its group only where rows are taken.
+        Blocks whose every scoring query is in this forward are scored and sealed together (a long prefill or a
+        session load seals hundreds of blocks a forward)."""
         end, B, Wq = start + q_rot.shape[0], self.B, self.Wq
+        expand = (lambda q: q.repeat_interleave(group, dim=-2)) if group > 1 else (lambda q: q)
         while True:
             first = self.W + B + self.pending.shape[0]      # the next position whose query the block needs
             a, b = max(first, start), min(end, self.W + B + Wq)
             if a < b:
                 assert a == first, "unit rows must arrive in order"
-                q = q_rot[a - start:b - start]
-                rows = unit_rows(q.repeat_interleave(group, dim=1) if group > 1 else q, self.win_k[:, :B])
+                # blocks j = 0..m-1 from W, each with all Wq queries here and L tokens after it
+                m = min(end - Wq - self.W, self.n - self.L - self.W) // B if not self.pending.shape[0] else 0
+                if m >= 1:
+                    pos = (self.W + B - start) + B * torch.arange(m)[:, None] + torch.arange(Wq)   # (m, Wq)
+                    q = q_rot[pos.to(q_rot.device)]                                                # (m, Wq, H, D)
+                    self._seal(unit_rows(expand(q), self.win_k[:, :m * B]))
+                    continue
+                rows = unit_rows(expand(q_rot[a - start:b - start]), self.win_k[:, :B])
                 self.pending = torch.cat([self.pending, rows], 0)
             if self.pending.shape[0] == Wq and self.n >= self.W + B + self.L:
-                self._seal()
+                self._seal(self.pending[None])
                 continue
             return
 
-    def _seal(self) -> None:
-        """Block [W, W+B) into chunks with abstracts; the window starts at W + B."""
-        B, U = self.B, self.B // UNIT
+    def _seal(self, rows: torch.Tensor) -> None:
+        """The m blocks from W, with their unit rows (m, Wq, B//16), into chunks with abstracts; the window then
+        starts at W + m B."""
+        m, B, U = rows.shape[0], self.B, self.B // UNIT
+        host = rows.cpu()
         if self.cfg.chunking == "fixed":
-            sizes = cut_fixed(U, self.cfg.chunk_tokens // UNIT)
+            sizes = cut_fixed(U, self.cfg.chunk_tokens // UNIT) * m
         else:
-            sizes = cut_variable(self.pending, self.cfg.chunk_mass, self.cfg.max_chunk_tokens // UNIT)
-        lo, hi = abstracts(self.win_k[:, :B], sizes)
+            sizes = [c for r in host for c in cut_variable(r, self.cfg.chunk_mass, self.cfg.max_chunk_tokens // UNIT)]
+        lo, hi = abstracts(self.win_k[:, :m * B], sizes)
         if self._scale is not None:
             lo, hi, scale = quantize_minmax(lo, hi)
             self._scale.append(scale)
         self._kmin.append(lo)
         self._kmax.append(hi)
+        counts = torch.tensor(sizes, device=self.device)
         ids = torch.arange(len(self.sizes), len(self.sizes) + len(sizes), device=self.device)
-        self._unit_chunk.append(ids.repeat_interleave(torch.tensor(sizes, device=self.device))[None])
+        self._unit_chunk.append(ids.repeat_interleave(counts)[None])
+        self._log2.append(counts.float().log2()[None])
         self.sizes += sizes
-        log2 = torch.tensor(sizes, dtype=torch.float32, device=self.device).log2()
-        self._log2.append(log2[None])
-        self.block_rows.append(self.pending.cpu())
+        self.block_rows += list(host)
         self.pending = self.pending[:0]
-        self.win_k, self.win_v = self.win_k[:, B:], self.win_v[:, B:]
-        self.W += B
+        self.win_k, self.win_v = self.win_k[:, m * B:], self.win_v[:, m * B:]
+        self.W += m * B
 
     # -- decode attention ----------------------------------------------------------------------------------
     def budget_units(self) -> int:
@@ -275,6 +286,23 @@ class LeoAMLayer:
                 return
             yield c
             a += c * UNIT
+
+    def page_weight(self, page: int) -> float | None:
+        """The most attention any 16-token unit of store page ``page`` drew in its block, in multiples of its even
+        share (1 / units of the block) of the block's scoring queries' mass; None when the page holds tokens of
+        the sink or of a block not yet sealed."""
+        P, S, B = self.cache.store.geometry.page_tokens, self.S, self.B
+        a, b = page * P, (page + 1) * P
+        if a < S or b > self.W:
+            return None
+        weight = 0.0
+        for block in range((a - S) // B, (b - 1 - S) // B + 1):
+            imp = self.block_rows[block].double().sum(0)
+            imp = imp * (B // UNIT) / imp.sum().clamp_min(1e-30)
+            lo, hi = max(a, S + block * B), min(b, S + (block + 1) * B)
+            u0 = (lo - S - block * B) // UNIT
+            weight = max(weight, float(imp[u0:u0 + (hi - lo) // UNIT].max()))
+        return weight
 
     def chunk_tokens(self) -> list[int]:
         """Tokens per sealed chunk, in order."""
