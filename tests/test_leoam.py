@@ -223,8 +223,8 @@ def test_disk_reads_are_threaded_cached_and_prefetched(tiny, tmp_path):
     reader.forget_from(0, 0)
     before = reader.bytes_read
     first = step()
-    blocks = list(layer.chunks.disk_blocks)
-    assert blocks and reader.bytes_read - before == len(blocks) * BLOCK                 # each block read once
+    blocks = layer.chunks.disk_blocks                                         # (keys, disk slots)
+    assert len(blocks[0]) and reader.bytes_read - before == len(blocks[0]) * BLOCK     # each block read once
     before = reader.bytes_read
     assert torch.equal(step(), first) and reader.bytes_read == before        # all cached: no disk read
     reader.forget_from(0, 0)
@@ -232,7 +232,7 @@ def test_disk_reads_are_threaded_cached_and_prefetched(tiny, tmp_path):
     reader.drain()
     before, hits = reader.bytes_read, reader.hits
     assert torch.equal(step(), first)
-    assert reader.bytes_read == before and reader.hits - hits == len(blocks)   # the step's asks: all hits
+    assert reader.bytes_read == before and reader.hits - hits == len(blocks[0])   # the step's asks: all hits
 
 
 def test_a_corrupt_block_on_disk_is_named_and_refused(tiny, tmp_path):
@@ -276,6 +276,20 @@ def test_bench_needles_on_disk_and_disk_reads(tmp_path, monkeypatch, capsys):
     assert 0 < leoam["moved_bytes_per_token"]["disk_read"] < budget_share * leoam["peak_bytes"]["disk"]
     for key in ("chunks_selected", "chunk_tokens_mean", "hit_rate", "cpu_cache_hit_rate", "disk_wait_ms_per_token"):
         assert key in leoam["stats"]
+
+
+def test_needles_are_found_in_every_layer_of_a_wide_gqa_model(monkeypatch):
+    """Llama-3.1-8B's attention (width 4096, four query heads per KV head): the second layer's needles are found
+    too. Every head of a group must put its mass on the needles, or the first layer's output, and with it the
+    second layer's queries, would differ from the probe's."""
+    from localkv.bench.runner import BenchConfig, run_bench
+    from localkv.bench.shapes import SHAPES
+
+    monkeypatch.setitem(SHAPES, "wide", dict(dim=4096, n_layers=2, n_heads=32, n_kv_heads=8, ffn_dim=256,
+                                             vocab_size=256))
+    config = BenchConfig(ctxs=[4096], policies=["leoam"], shape="wide", budgets=[("512", 512)], gpu_mem=24 << 20,
+                         cpu_mem=512 << 20, synthetic_kv=True, steps=1, warmup=1, device="cpu")
+    assert [r["needle_recall"] for r in run_bench(config)["rows"]] == [1.0]
 
 
 def test_disk_full_during_prefill_keeps_the_cache_consistent(tiny, tmp_path):

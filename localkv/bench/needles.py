@@ -6,13 +6,16 @@ over the context so that some live on each tier the plan fills (disk included). 
 decodes that step eagerly and asks the cache which tokens it attended (`KVCache.attended`); ``needle_recall`` is
 the share of (layer, KV head, needle) whose 16 tokens were all attended. Exact policies attend to everything: 1.0.
 
-The query is found without the context. A needle's value is zero, and its logit is far above the background's,
-so in the real step every layer's attention output is close to zero (most of the softmax mass sits on zero
-values; the rest is spread over random values of mean zero). A probe forward whose attention returns exactly
-zero therefore sees the same hidden states, hence the same pre-RoPE queries, layer by layer. For KV head h the
-needle key is ``alpha * q[h*G] / |q[h*G]|`` (the group's first query head) rotated to the probe step's position,
-so that step's score is exactly ``alpha * |q|``: at least 40 |q| in the raw product, above the min/max bound of
-a 16-token chunk of random keys (about 1.4 sqrt(D) |q|), and at least 45 logits once scaled by 1/sqrt(D).
+The query is found without the context. A needle's value is zero, and its logit is far above the background's
+for every query head, so in the real step every layer's attention output is close to zero (the softmax mass sits
+on zero values). A probe forward whose attention returns exactly zero therefore sees the same hidden states,
+hence the same pre-RoPE queries, layer by layer. That holds only if *every* head of a GQA group puts its mass on
+the needles (one head attending elsewhere makes its layer's output, and every later layer's queries, differ from
+the probe's), so the needle key of KV head h points along the sum of its group's unit queries,
+``u = Σ_g q_g / |q_g|`` (random heads are nearly orthogonal, so each ``q_g · u`` is about ``|q_g|``), scaled to
+``alpha`` and rotated to the probe step's position. ``alpha`` puts the smallest of the group's scores at 45
+logits once scaled by 1/sqrt(D) and the key's norm at 40 or more, far above the min/max bound of a 16-token chunk
+of random keys (about 1.4 sqrt(D) |q|).
 """
 
 from __future__ import annotations
@@ -85,10 +88,13 @@ class Needles:
         model(torch.tensor([token], device=model.device), probe, decode=True)
         q = torch.stack(probe.queries)                                    # (L, Hq, D) pre-RoPE
         G = args.n_heads // args.n_kv_heads
-        lead = q[:, ::G]                                                  # (L, Hkv, D): each group's first head
-        norm = lead.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-        alpha = torch.clamp(45 * math.sqrt(args.head_dim) / norm, min=40.0)
-        pre = alpha * lead / norm                                         # |key| = alpha
+        groups = q.view(args.n_layers, args.n_kv_heads, G, args.head_dim)    # (L, Hkv, G, D)
+        unit = groups / groups.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+        u = unit.sum(2)
+        u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-6)               # (L, Hkv, D): the group's direction
+        least = (groups * u[:, :, None]).sum(-1).amin(-1, keepdim=True)    # the group's smallest q_g · u
+        alpha = torch.clamp(45 * math.sqrt(args.head_dim) / least.clamp_min(1e-3), min=40.0)
+        pre = alpha * u                                                   # |key| = alpha
         rp = model.rope.positions(torch.tensor([position], device=model.device), torch.float32, position)
         keys = torch.stack([rp.rotate(pre[layer][None])[0] for layer in range(args.n_layers)])
         span = (ctx - 2048) // UNIT

@@ -1,16 +1,17 @@
 """The disk tier: one file per layer under ``--disk DIR``, fixed page slots aligned for O_DIRECT.
 
 Slot ``s`` of layer ``l`` lives at byte ``s * slot_bytes`` of ``layer_{l:03d}.kv``. A page is written once
-(KV is append-only) with the crc32 of each of its 4096-byte blocks kept in memory, so that a whole page read
-back (`read_into`) and a policy reading a few chunks of one (`read_blocks`) both check what they read; reads go
+(KV is append-only), padded to whole 4096-byte blocks, with a 64-bit checksum of each block kept in memory
+(`block_sums`), so that a whole page read back (`read_into`) and a policy reading a few chunks of many pages
+(`read_blocks`, `read_runs`) all check what they read; reads go
 through O_DIRECT where the file system supports it (the page cache would otherwise hide the disk's real speed and
 double the memory a long context takes), and fall back to buffered I/O where it does not (tmpfs refuses O_DIRECT).
 I/O is plain ``os.pwrite``/``os.preadv`` into caller-owned buffers; buffers that are not 4096-aligned
 go through an aligned bounce buffer.
 
 With a ``codec`` (`disk_codec.QuantizedPages`) pages are stored as int8 or int4 codes, each at the bits its
-writer asked for (``page_bits``), their scales in host memory (``meta``), and `read_into` decodes them;
-`read_blocks` returns codes, which the caller decodes.
+writer asked for (``bits``), their scales in host memory (``meta``), and `read_into` decodes them;
+`read_blocks` and `read_runs` return codes, which the caller decodes.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import errno
 import mmap
 import os
 import threading
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,28 @@ def _bytes_view(t: torch.Tensor) -> memoryview:
 
 def _aligned_buffer(nbytes: int) -> memoryview:
     return memoryview(mmap.mmap(-1, -(-nbytes // DISK_ALIGN) * DISK_ALIGN))  # anonymous maps are page-aligned
+
+
+_WORDS = DISK_ALIGN // 8
+_WEIGHTS = np.random.default_rng(0x6C6B76).integers(0, 1 << 63, _WORDS, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+
+
+def block_sums(data: np.ndarray) -> np.ndarray:
+    """The checksum of each 4096-byte block of ``data`` (uint8, a whole number of blocks): ``Σ_i w_i x_i mod 2^64``
+    over its 512 little-endian 64-bit words ``x_i``, with fixed odd weights ``w_i``. An odd weight is invertible
+    mod 2^64, so any change confined to one word changes the sum; unrelated changes cancel with probability
+    2^-64. Unlike crc32 it is a few vector operations over any number of blocks (numpy releases the GIL)."""
+    words = data.view(np.uint64).reshape(-1, _WORDS)
+    return (words * _WEIGHTS).sum(1, dtype=np.uint64)
+
+
+def _grown(a: np.ndarray, n: int) -> np.ndarray:
+    """``a`` with room for at least ``n`` rows (doubling), new rows zero."""
+    if n <= len(a):
+        return a
+    out = np.zeros((max(n, 2 * len(a), 16), *a.shape[1:]), dtype=a.dtype)
+    out[:len(a)] = a
+    return out
 
 
 def check_writable(directory: Path, what: str = "--disk") -> None:
@@ -68,9 +90,14 @@ class DiskTier:
         self.geometry = geometry
         self.codec = codec
         self.slot_bytes = codec.slot_bytes if codec is not None else geometry.slot_bytes
-        self.page_bits: dict[tuple[int, int], int] = {}   # (layer, slot) -> bits of its encoding (codec only)
-        self.meta: dict[tuple[int, int], torch.Tensor] = {}   # (layer, slot) -> its scales and zeros (codec only)
-        self.stored: dict[tuple[int, int], int] = {}      # (layer, slot) -> bytes its page takes
+        self.slot_blocks = self.slot_bytes // DISK_ALIGN
+        L = geometry.n_layers
+        # Per layer, indexed by slot: bytes its page takes (0: free), the bits of its encoding (codec only), the
+        # checksum of each block, and its scales and zeros (codec only), grown as slots are taken.
+        self.sizes = [np.zeros(0, np.int64) for _ in range(L)]
+        self.bits = [np.zeros(0, np.int8) for _ in range(L)]
+        self.sums = [np.zeros((0, self.slot_blocks), np.uint64) for _ in range(L)]
+        self.meta: list[torch.Tensor | None] = [None] * L
         self.directory = Path(directory)
         check_writable(self.directory)
         self.max_pages = max_pages
@@ -79,7 +106,6 @@ class DiskTier:
         self.fds: dict[int, int] = {}
         self.next_slot = [0] * geometry.n_layers
         self.free: list[list[int]] = [[] for _ in range(geometry.n_layers)]
-        self.block_checksums: dict[tuple[int, int], np.ndarray] = {}   # (layer, slot) -> crc32 per block
         self.used = 0
         self.used_bytes = 0
         self.bytes_read = 0
@@ -113,10 +139,13 @@ class DiskTier:
         aligned = t.data_ptr() % DISK_ALIGN == 0 and view.nbytes % DISK_ALIGN == 0
         if aligned or not self.direct:
             return view, False
+        return self._bounce(), True
+
+    def _bounce(self) -> memoryview:
         bounce = getattr(self._local, "bounce", None)
         if bounce is None:
             bounce = self._local.bounce = _aligned_buffer(self.slot_bytes)
-        return bounce[:self.slot_bytes], True
+        return bounce[:self.slot_bytes]
 
     def alloc(self, layer: int) -> int:
         if self.max_pages is not None and self.used >= self.max_pages:
@@ -130,11 +159,32 @@ class DiskTier:
 
     def release(self, layer: int, slot: int) -> None:
         self.used -= 1
-        self.used_bytes -= self.stored.pop((layer, slot), 0)
-        self.page_bits.pop((layer, slot), None)
-        self.meta.pop((layer, slot), None)
-        self.block_checksums.pop((layer, slot), None)
+        self.used_bytes -= int(self.sizes[layer][slot])
+        self.sizes[layer][slot] = 0
         self.free[layer].append(slot)
+
+    def page_size(self, layer: int, slot: int) -> int:
+        """Bytes the page in ``slot`` takes on disk."""
+        return int(self.sizes[layer][slot])
+
+    def _record(self, layer: int, slot: int, nbytes: int, sums: np.ndarray, bits: int | None,
+                meta: torch.Tensor | None) -> None:
+        n = slot + 1
+        self.sizes[layer] = _grown(self.sizes[layer], n)
+        self.sums[layer] = _grown(self.sums[layer], n)
+        self.sizes[layer][slot] = nbytes
+        self.sums[layer][slot, :len(sums)] = sums
+        if self.codec is not None:
+            self.bits[layer] = _grown(self.bits[layer], n)
+            self.bits[layer][slot] = bits
+            held = self.meta[layer]
+            if held is None or len(held) < n:
+                grown = torch.zeros((max(n, 2 * (len(held) if held is not None else 0), 16), *meta.shape),
+                                    dtype=meta.dtype)
+                if held is not None:
+                    grown[:len(held)] = held
+                self.meta[layer] = held = grown
+            held[slot] = meta
 
     def write(self, layer: int, page: torch.Tensor, bits: int | None = None) -> int:
         """Write a sealed page (a CPU tensor of ``page_shape``; with a codec, on any device, encoded at ``bits``
@@ -147,10 +197,13 @@ class DiskTier:
             page, meta = (t.cpu() for t in self.codec.encode(page, bits))   # encoded where the page is
         page = page.contiguous()
         src = _bytes_view(page)
+        nbytes = -(-src.nbytes // DISK_ALIGN) * DISK_ALIGN   # whole blocks, the last one padded with zeros
         view, bounced = self._io_view(page)
+        if not bounced and nbytes != src.nbytes:
+            view, bounced = self._bounce(), True
         if bounced:
             view[:src.nbytes] = src
-        nbytes = -(-src.nbytes // DISK_ALIGN) * DISK_ALIGN if (bounced or self.direct) else src.nbytes
+            view[src.nbytes:nbytes] = bytes(nbytes - src.nbytes)
         try:
             written = os.pwrite(fd, view[:nbytes], slot * self.slot_bytes)
             if written != nbytes:
@@ -162,12 +215,7 @@ class DiskTier:
                 raise DiskFullError(f"disk full writing KV page {slot} of layer {layer} to {self.path(layer)}; "
                                     f"free space there or point --disk elsewhere") from None
             raise UserError(f"cannot write KV page to {self.path(layer)}: {e.strerror or e}") from None
-        self.block_checksums[(layer, slot)] = np.fromiter(
-            (zlib.crc32(src[i:i + DISK_ALIGN]) for i in range(0, src.nbytes, DISK_ALIGN)), np.uint32)
-        if self.codec is not None:
-            self.page_bits[(layer, slot)] = bits
-            self.meta[(layer, slot)] = meta
-        self.stored[(layer, slot)] = src.nbytes
+        self._record(layer, slot, src.nbytes, block_sums(np.frombuffer(view[:nbytes], np.uint8)), bits, meta)
         self.used_bytes += src.nbytes
         self.bytes_written += src.nbytes
         return slot
@@ -175,9 +223,9 @@ class DiskTier:
     def read_into(self, layer: int, slot: int, out: torch.Tensor, verify: bool = False) -> None:
         """Read a page into ``out`` (contiguous CPU tensor of ``page_shape``, pinned ideally), decoded if need be."""
         if self.codec is not None:
-            bits = self.page_bits[(layer, slot)]
+            bits = int(self.bits[layer][slot])
             data = self.read_blocks(layer, slot, 0, -(-self.codec.page_bytes(bits) // DISK_ALIGN))
-            out.copy_(self.codec.decode(data, self.meta[(layer, slot)], bits, out.dtype))
+            out.copy_(self.codec.decode(data, self.meta[layer][slot], bits, out.dtype))
             return
         fd = self._fd(layer)
         view, bounced = self._io_view(out)
@@ -190,32 +238,47 @@ class DiskTier:
             dst[:] = view[:dst.nbytes]
         self.bytes_read += dst.nbytes
         if verify:
-            self._check(layer, slot, dst, 0, dst.nbytes)
+            whole = np.zeros(-(-dst.nbytes // DISK_ALIGN) * DISK_ALIGN, np.uint8)   # the last block as written
+            whole[:dst.nbytes] = np.frombuffer(dst, np.uint8)
+            self._check(layer, np.full(len(whole) // DISK_ALIGN, slot), np.arange(len(whole) // DISK_ALIGN), whole)
 
-    def _check(self, layer: int, slot: int, data: memoryview, first: int, nbytes: int) -> None:
-        """``nbytes`` bytes of ``data``, the page's blocks from ``first`` on, against their crc32s."""
-        sums = self.block_checksums.get((layer, slot))
-        if sums is None:
-            return
-        for i, a in enumerate(range(0, nbytes, DISK_ALIGN)):
-            if zlib.crc32(data[a:min(a + DISK_ALIGN, nbytes)]) != int(sums[first + i]):
-                raise UserError(f"KV page {slot} of layer {layer} in {self.path(layer)} is corrupt (checksum "
-                                f"mismatch in its block {first + i}): the disk tier cannot be trusted; remove "
-                                f"{self.directory} and prefill again")
+    def _check(self, layer: int, slots: np.ndarray, blocks: np.ndarray, data: np.ndarray) -> None:
+        """Blocks ``blocks`` of the pages in ``slots`` (one entry per block), read as ``data`` (uint8, one
+        block after the other), against their checksums."""
+        bad = np.flatnonzero(block_sums(data) != self.sums[layer][slots, blocks])
+        if len(bad):
+            i = bad[0]
+            raise UserError(f"KV page {slots[i]} of layer {layer} in {self.path(layer)} is corrupt (checksum "
+                            f"mismatch in its block {blocks[i]}): the disk tier cannot be trusted; remove "
+                            f"{self.directory} and prefill again")
 
     def read_blocks(self, layer: int, slot: int, first: int, n: int) -> torch.Tensor:
         """Blocks ``first .. first+n-1`` (of `DISK_ALIGN` bytes) of the page in ``slot``, as a uint8 tensor of
-        ``n * DISK_ALIGN`` bytes (the last block of a page may be cut short), each checked against its crc32."""
+        ``n * DISK_ALIGN`` bytes, each checked against its checksum."""
+        buf = _aligned_buffer(n * DISK_ALIGN)   # fresh: reader threads call this concurrently
+        out = np.frombuffer(buf, np.uint8).reshape(n, DISK_ALIGN)
+        self.read_runs(layer, np.array([slot]), np.array([first]), np.array([n]), out, np.array([0]))
+        return torch.from_numpy(out.reshape(-1))   # over the read's own buffer, no copy
+
+    def read_runs(self, layer: int, slots: np.ndarray, firsts: np.ndarray, counts: np.ndarray, out: np.ndarray,
+                  rows: np.ndarray) -> None:
+        """Runs of consecutive blocks, run i being blocks ``firsts[i] ..`` (``counts[i]`` of them) of the page in
+        ``slots[i]``, each read with one ``preadv`` into rows ``rows[i] ..`` of ``out`` ((n, DISK_ALIGN) uint8,
+        page-aligned rows: an mmap), then all checked against their checksums in one pass. Safe to call from
+        several threads at once (on different rows)."""
         fd = self._fd(layer)
-        nbytes = n * DISK_ALIGN
-        buf = _aligned_buffer(nbytes)   # fresh: reader threads call this concurrently
-        got = os.preadv(fd, [buf], slot * self.slot_bytes + first * DISK_ALIGN)
-        end = min(nbytes, self.stored.get((layer, slot), self.geometry.page_bytes) - first * DISK_ALIGN)
-        if got < end:
-            raise UserError(f"KV page {slot} of layer {layer} is truncated in {self.path(layer)}")
-        self._check(layer, slot, buf, first, end)
-        self.bytes_read += end
-        return torch.frombuffer(buf, dtype=torch.uint8)   # over the read's own buffer, no copy
+        view = memoryview(out.reshape(-1))
+        for slot, first, n, row in zip(slots.tolist(), firsts.tolist(), counts.tolist(), rows.tolist()):
+            got = os.preadv(fd, [view[row * DISK_ALIGN:(row + n) * DISK_ALIGN]],
+                            slot * self.slot_bytes + first * DISK_ALIGN)
+            if got < n * DISK_ALIGN:
+                raise UserError(f"KV page {slot} of layer {layer} is truncated in {self.path(layer)}")
+        self.bytes_read += int(counts.sum()) * DISK_ALIGN
+        # every block read, with its page and index: (run, block) pairs flattened
+        each = np.repeat(np.arange(len(counts)), counts)
+        offset = np.arange(len(each)) - np.repeat(np.cumsum(counts) - counts, counts)
+        at = np.repeat(rows, counts) + offset
+        self._check(layer, slots[each], firsts[each] + offset, out[at].reshape(-1))
 
     def close(self) -> None:
         for fd in self.fds.values():

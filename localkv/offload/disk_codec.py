@@ -96,7 +96,7 @@ class QuantizedPages:
         n, D = codes.shape[0], self.geometry.head_dim
         key = self._keys(part)
         shape = (n, 1, D) if key else (n, UNIT, 1)
-        scale, zero = meta[:, 0].reshape(shape), meta[:, 1].reshape(shape)
+        scale, zero = meta[:, 0].contiguous().view(shape), meta[:, 1].contiguous().view(shape)
         return dequantize_page(codes.reshape(n, UNIT, -1), scale, zero, kind="key" if key else "value", bits=bits,
                                group=UNIT if key else D, dtype=dtype)
 

@@ -107,7 +107,7 @@ class BlockReader:
             self.staging_events[block.slot].synchronize()  # the last copy out of this buffer has finished
         for i in range(run.n):
             disk.read_into(block.layer, run.slot + i, host[i])
-        self.store.moved.disk_read += sum(disk.stored[(block.layer, run.slot + i)] for i in range(run.n))
+        self.store.moved.disk_read += int(disk.sizes[block.layer][run.slot:run.slot + run.n].sum())
         if self.cuda:
             self._copy_to_ring(block, host[:run.n])
 

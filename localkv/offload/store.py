@@ -238,7 +238,7 @@ class KVStore:
             bits = self.disk_bits(layer, index) if self.disk_bits is not None else None
             page = page.to(self.device, non_blocking=True)
         slot = self.disk.write(layer, page, bits)
-        self.moved.disk_write += self.disk.stored[(layer, slot)]
+        self.moved.disk_write += self.disk.page_size(layer, slot)
         return slot
 
     # -- reading -----------------------------------------------------------------------------------------
@@ -321,7 +321,7 @@ class KVStore:
         else:
             page = torch.empty(self.geometry.page_shape, dtype=self.geometry.dtype)
             self.disk.read_into(layer, entry.disk, page, verify=True)
-            self.moved.disk_read += self.disk.stored[(layer, entry.disk)]
+            self.moved.disk_read += self.disk.page_size(layer, entry.disk)
         if self.device.type == "cuda":
             self.moved.h2d += self.geometry.page_bytes
         return page.to(self.device)

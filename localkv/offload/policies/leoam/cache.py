@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields, replace
 
+import numpy as np
 import torch
 
 from ....errors import UserError
@@ -36,7 +37,7 @@ from ...pipeline import BlockReader
 from ...store import Budgets, KVStore
 from ...streamed import SparseStoreCache
 from .chunking import UNIT
-from .disk_reads import DiskBlocks
+from .disk_reads import BLOCK, DiskBlocks
 from .layer import LeoAMLayer
 
 
@@ -223,7 +224,12 @@ class LeoAM(SparseStoreCache):
         self.int8_abstracts = cfg.abstract_dtype == "int8"
         self.shared_buffer = None if self.cache_factor else ChunkBuffer(
             args.n_kv_heads, UNIT, args.head_dim, dtype=dtype, device=device, slot_factor=1.0)
-        self.disk_blocks = DiskBlocks(self.store, cfg.io_threads, cfg.disk_cache_bytes)
+        # room for four layers' worth of a full step's blocks (K and V of every selected unit): the prefetch of
+        # the next layer never evicts what this one asked for
+        step_units = -(-budget_tokens(cfg.budget, capacity) // UNIT) * args.n_kv_heads
+        unit_blocks = 2 * max(1, UNIT * args.head_dim * dtype.itemsize // BLOCK)
+        self.disk_blocks = DiskBlocks(self.store, cfg.io_threads, cfg.disk_cache_bytes,
+                                      min_blocks=4 * step_units * unit_blocks)
         self.moved = torch.zeros(3, dtype=torch.long, device=device)   # head-units read per tier (device/CPU/disk)
         self.hits = torch.zeros((), dtype=torch.long, device=device)   # selected head-units found in the cache
         self.recall = torch.zeros(2, dtype=torch.float64, device=device)  # Σ recall, rows measured
@@ -280,8 +286,9 @@ class LeoAM(SparseStoreCache):
             "disk_quant": self.config.disk_quant,
         }
         if self.store.disk is not None and self.store.disk.codec is not None:
-            bits = list(self.store.disk.page_bits.values())
-            out["disk_pages_int4"] = bits.count(4) / len(bits) if bits else 0.0
+            disk = self.store.disk
+            bits = np.concatenate([b[:len(z)][z[:len(b)] > 0] for b, z in zip(disk.bits, disk.sizes)])
+            out["disk_pages_int4"] = float((bits == 4).mean()) if len(bits) else 0.0
         if self.config.measure_recall:
             total, rows = self.recall.tolist()
             out["attention_recall"] = total / rows if rows else None

@@ -250,7 +250,7 @@ class LeoAMLayer:
         self.cache.disk_blocks.forget_from(self.layer, m // self.cache.store.geometry.page_tokens)  # slots reused
         self.cache.store.truncate_layer(self.layer, m)
         self.chunks.invalidate()
-        self.chunks.disk_blocks = []
+        self.chunks.begin_step()
         keep = max(0, (m - self.L - S) // B) if m > S else 0   # blocks j with S + (j+1) B + L <= m
         # Not ``m >= W``: the last sealed block needed ``L`` tokens past it, so a cut in [W, W + L) must unseal it
         # (a run that stopped at m has it in the window, exact) even though its tokens all stay.
