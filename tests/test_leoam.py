@@ -310,3 +310,29 @@ def test_disk_full_during_prefill_keeps_the_cache_consistent(tiny, tmp_path):
         want = _run(model, clean, ids, [200], 230)
         got = _run(model, full, ids, [200], 230)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("head_dim,quant", [(24, None), (16, 8), (24, 4)])
+def test_disk_reads_by_block_equal_whole_page_reads(tmp_path, head_dim, quant):
+    """The selected units' bytes cut out of disk blocks (`LayerChunks`) equal the same units read from whole pages
+    (`StoreChunks`), for units that straddle 4 KB blocks (D = 24: 1,536 bytes a unit) and for quantized pages."""
+    from localkv.offload.chunks import StoreChunks
+    from localkv.offload.disk_codec import QuantizedPages
+    from localkv.offload.pages import PageGeometry
+    from localkv.offload.policies.leoam.disk_reads import DiskBlocks, LayerChunks
+    from localkv.offload.store import KVStore
+
+    g = PageGeometry(1, 3, head_dim, 256, torch.float32)
+    store = KVStore(g, Budgets(0, 0, tmp_path), torch.device("cpu"),
+                    disk_codec=QuantizedPages(g, quant) if quant else None)
+    n = 5 * 256
+    store.write(0, 0, torch.randn(n, 3, head_dim), torch.randn(n, 3, head_dim))
+    assert store.disk.used >= 4
+    units = torch.stack([torch.randperm(n // UNIT)[:7] for _ in range(3)]).sort(1).values     # (Hkv, 7)
+    dst = torch.arange(7).expand(3, 7).contiguous()
+    for part in (0, 1):
+        want, got = (torch.zeros(3, 7 * UNIT, head_dim) for _ in range(2))
+        StoreChunks(store, 0, UNIT).fetch(part, units, dst, want)
+        reader = DiskBlocks(store, io_threads=2, cache_bytes=1 << 20)
+        LayerChunks(store, 0, UNIT, reader).fetch(part, units, dst, got)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -245,9 +245,12 @@ class LayerChunks(StoreChunks):
         return ((h * units + tok % P // C) * g.parts + g.part_index(part)) * size, size, bits
 
     def _keys(self, page: np.ndarray, offset: np.ndarray, size: np.ndarray) -> np.ndarray:
-        """(n, blocks a run spans) keys of each run's blocks."""
-        span = max(1, int(size.max()) // BLOCK)
-        return page[:, None] * self.reader.per_slot + offset[:, None] // BLOCK + np.arange(span)
+        """(n, the most blocks a run spans) keys of each run's blocks; a run that spans fewer repeats its page's
+        last block (a key past it would name the next page's block)."""
+        span = int(((offset % BLOCK + size - 1) // BLOCK).max()) + 1
+        per_slot = self.reader.per_slot
+        keys = page[:, None] * per_slot + offset[:, None] // BLOCK + np.arange(span)
+        return np.minimum(keys, page[:, None] * per_slot + per_slot - 1)
 
     def _from_disk(self, part: int, chunks: torch.Tensor, dst: torch.Tensor, out: torch.Tensor) -> None:
         """The entries on disk (``dst`` >= 0): the blocks holding their bytes (keys and values, asked for together
@@ -279,10 +282,11 @@ class LayerChunks(StoreChunks):
             keys = self._keys(page[pick], offset[pick], size[pick])
             data = self.reader.get(self.layer, keys.reshape(-1), np.repeat(slot[pick], keys.shape[1]))
             data = data.reshape(n, -1)
-            if sz < BLOCK:   # a run inside one block: cut it out
-                data = np.take_along_axis(data, (offset[pick] % BLOCK)[:, None] + np.arange(sz), 1)
-            else:
-                data = data[:, :sz]
+            inside = offset[pick] % BLOCK
+            if BLOCK % sz == 0:   # a run inside one block, at a multiple of its size (D a power of two)
+                data = data.reshape(n, -1, sz)[np.arange(n), inside // sz]
+            else:                 # any other size: byte by byte out of the blocks it spans
+                data = np.take_along_axis(data, inside[:, None] + np.arange(sz), 1)
             at = torch.from_numpy(pick).to(out.device)
             runs = torch.from_numpy(np.ascontiguousarray(data)).to(out.device)
             if b is None:
