@@ -2,6 +2,7 @@
 selected at a small budget, variable chunks where attention gathers, truncation as a run that never had the tail,
 the chunk cache's hits, stats, and the planner."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -228,6 +229,7 @@ def test_disk_reads_are_threaded_cached_and_prefetched(tiny, tmp_path):
     before = reader.bytes_read
     assert torch.equal(step(), first) and reader.bytes_read == before        # all cached: no disk read
     reader.forget_from(0, 0)
+    reader.useful[0] = 1.0   # as for a layer whose steps use what it prefetches
     reader.prefetch(0, blocks)
     reader.drain()
     before, hits = reader.bytes_read, reader.hits
@@ -312,7 +314,7 @@ def test_disk_full_during_prefill_keeps_the_cache_consistent(tiny, tmp_path):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("head_dim,quant", [(24, None), (16, 8), (24, 4)])
+@pytest.mark.parametrize("head_dim,quant", [(24, None), (16, 8), (24, 4), (128, None)])
 def test_disk_reads_by_block_equal_whole_page_reads(tmp_path, head_dim, quant):
     """The selected units' bytes cut out of disk blocks (`LayerChunks`) equal the same units read from whole pages
     (`StoreChunks`), for units that straddle 4 KB blocks (D = 24: 1,536 bytes a unit) and for quantized pages."""
@@ -336,3 +338,28 @@ def test_disk_reads_by_block_equal_whole_page_reads(tmp_path, head_dim, quant):
         reader = DiskBlocks(store, io_threads=2, cache_bytes=1 << 20)
         LayerChunks(store, 0, UNIT, reader).fetch(part, units, dst, got)
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_a_prefetch_the_steps_do_not_use_is_skipped_then_tried_again(tmp_path):
+    """A layer whose prefetched blocks its steps never ask for stops prefetching (its reads would only compete
+    with the useful ones), tries again after `PREFETCH_RETRY` skips; one whose prefetches are used keeps them."""
+    from localkv.offload.pages import PageGeometry
+    from localkv.offload.policies.leoam.disk_reads import PREFETCH_RETRY, DiskBlocks
+    from localkv.offload.store import KVStore
+
+    g = PageGeometry(2, 2, 64, 256, torch.float32)
+    store = KVStore(g, Budgets(0, 0, tmp_path), torch.device("cpu"))
+    for layer in range(2):
+        store.write(layer, 0, torch.randn(4 * 256, 2, 64), torch.randn(4 * 256, 2, 64))
+    reader = DiskBlocks(store, io_threads=2, cache_bytes=1 << 16)   # 16 blocks: every step reads anew
+    slots = np.zeros(8, np.int64)
+    used, unused = np.arange(8), np.arange(8, 16)
+    for step in range(3 + PREFETCH_RETRY):
+        reader.prefetch(0, (unused, slots))      # layer 0: never what its step asks for
+        reader.request(0, used, slots)
+        reader.prefetch(1, (used, slots))        # layer 1: exactly what its step asks for
+        reader.request(1, used, slots)
+    reader.drain()
+    assert reader.skipped[1] == 0 and reader.useful[1] > 0.9
+    assert reader.useful[0] < 0.25 and reader.prefetches_skipped >= PREFETCH_RETRY - 1
+    assert reader.prefetches > 3 + PREFETCH_RETRY   # layer 1 every step, layer 0 at first and on its retry

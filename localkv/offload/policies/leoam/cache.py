@@ -282,6 +282,8 @@ class LeoAM(SparseStoreCache):
                                       "disk_read": disk.bytes_read / per_token},     # pages read for them
             "disk_wait_ms_per_token": 1e3 * disk.wait_s / per_token,
             "cpu_cache_hit_rate": disk.hits / disk.requests if disk.requests else 0.0,
+            "disk_prefetch_skipped": (disk.prefetches_skipped / (disk.prefetches + disk.prefetches_skipped)
+                                      if disk.prefetches + disk.prefetches_skipped else 0.0),
             "index_device_bytes": sum(lay.device_bytes() for lay in self.layers),
             "disk_quant": self.config.disk_quant,
         }

@@ -20,7 +20,10 @@ and works on arrays of keys:
                                   one batch per thread (`DiskTier.read_runs`, which also checks every block)
     get(layer, keys, slots)       the keys' blocks (n, 4096), waiting only for reads still in flight
     prefetch(layer, blocks)       `request` for a layer before it runs: layer l issues layer l+1's blocks of its
-                                  previous step (the last layer, layer 0's of the next step), read while l computes
+                                  previous step (the last layer, layer 0's of the next step), read while l computes;
+                                  skipped for a layer whose prefetches its steps mostly did not use (below
+                                  `PREFETCH_USEFUL`, tried again every `PREFETCH_RETRY` steps): on a disk that is
+                                  bound by its reads a second, useless stream halves the useful one
     forget_from(layer, p)         drop pages p.. (truncation: their slots may be rewritten with other tokens)
 
 A row is reused only after ``capacity`` newer blocks were asked for; the cache holds at least four layers' worth
@@ -53,6 +56,11 @@ Blocks = tuple[np.ndarray, np.ndarray]
 """(keys, disk slots of their pages) of a layer's blocks, int64 arrays of one length."""
 
 _EMPTY: Blocks = (np.zeros(0, np.int64), np.zeros(0, np.int64))
+
+PREFETCH_USEFUL = 0.25
+"""A layer's prefetch goes on while at least this share of what it read was asked for by the step (running mean)."""
+PREFETCH_RETRY = 8
+"""Steps between tries of a layer's skipped prefetch (a selection that starts repeating is noticed)."""
 
 
 def _aligned(rows: int) -> np.ndarray:
@@ -89,6 +97,10 @@ class DiskBlocks:
         self.hand = 0
         self.wait_s = 0.0
         self.requests = self.hits = self.bytes_read = 0
+        self.prefetched: list[np.ndarray | None] = [None] * L   # keys of each layer's last prefetch
+        self.useful = np.full(L, 0.5)                            # running share of them its steps asked for
+        self.skipped = np.zeros(L, np.int64)                     # prefetches skipped in a row
+        self.prefetches = self.prefetches_skipped = 0
 
     def _count(self, nbytes: int) -> None:
         self.bytes_read += nbytes
@@ -156,12 +168,24 @@ class DiskBlocks:
             return
         self.requests += len(keys)
         self.hits += int((self._rows(layer, keys) >= 0).sum())
+        fetched, self.prefetched[layer] = self.prefetched[layer], None
+        if fetched is not None and len(fetched):
+            self.useful[layer] = 0.5 * self.useful[layer] + 0.5 * np.isin(fetched, keys).mean()
         self._submit(layer, keys, slots)
 
     def prefetch(self, layer: int, blocks: Blocks) -> None:
-        """Start reading blocks a later step will likely ask for (not counted as requests)."""
-        if self.threads is not None:
-            self._submit(layer, *blocks)
+        """Start reading blocks a later step will likely ask for (not counted as requests), unless this layer's
+        prefetches have mostly gone unused."""
+        if self.threads is None or not len(blocks[0]):
+            return
+        if self.useful[layer] < PREFETCH_USEFUL and self.skipped[layer] < PREFETCH_RETRY:
+            self.skipped[layer] += 1
+            self.prefetches_skipped += 1
+            return
+        self.skipped[layer] = 0
+        self.prefetches += 1
+        self.prefetched[layer] = blocks[0]
+        self._submit(layer, *blocks)
 
     def get(self, layer: int, keys: np.ndarray, slots: np.ndarray) -> np.ndarray:
         """The blocks ``keys`` of ``layer`` (pages in disk ``slots``), (n, BLOCK) uint8 on the host; blocks only
@@ -232,7 +256,8 @@ class LayerChunks(StoreChunks):
             self.disk_slot = np.array([e.disk for e in self.store.pages[self.layer]] + [-1], np.int64)
 
     def _spans(self, part: int, h: np.ndarray, tok: np.ndarray, slot: np.ndarray):
-        """(byte offset in its page's slot, bytes, bits or 0) of each entry's run of ``part``."""
+        """(byte offset in its page's slot, bytes, bits) of each entry's run of ``part``; bits None for pages
+        stored as they are."""
         g, disk = self.store.geometry, self.store.disk
         P, D, Hkv, C = g.page_tokens, g.head_dim, g.n_kv_heads, self.C
         if disk.codec is None:   # a chunk of one head and part is one run of its page
@@ -245,12 +270,12 @@ class LayerChunks(StoreChunks):
         return ((h * units + tok % P // C) * g.parts + g.part_index(part)) * size, size, bits
 
     def _keys(self, page: np.ndarray, offset: np.ndarray, size: np.ndarray) -> np.ndarray:
-        """(n, the most blocks a run spans) keys of each run's blocks; a run that spans fewer repeats its page's
-        last block (a key past it would name the next page's block)."""
-        span = int(((offset % BLOCK + size - 1) // BLOCK).max()) + 1
-        per_slot = self.reader.per_slot
-        keys = page[:, None] * per_slot + offset[:, None] // BLOCK + np.arange(span)
-        return np.minimum(keys, page[:, None] * per_slot + per_slot - 1)
+        """(n, the most blocks a run spans) keys of each run's blocks; a run that spans fewer repeats its own last
+        block (a block past it may lie past what its page wrote, or in the next page's slot)."""
+        last = (offset + size - 1) // BLOCK
+        span = int((last - offset // BLOCK).max()) + 1
+        base = page[:, None] * self.reader.per_slot
+        return base + np.minimum(offset[:, None] // BLOCK + np.arange(span), last[:, None])
 
     def _from_disk(self, part: int, chunks: torch.Tensor, dst: torch.Tensor, out: torch.Tensor) -> None:
         """The entries on disk (``dst`` >= 0): the blocks holding their bytes (keys and values, asked for together
@@ -285,7 +310,9 @@ class LayerChunks(StoreChunks):
             inside = offset[pick] % BLOCK
             if BLOCK % sz == 0:   # a run inside one block, at a multiple of its size (D a power of two)
                 data = data.reshape(n, -1, sz)[np.arange(n), inside // sz]
-            else:                 # any other size: byte by byte out of the blocks it spans
+            elif sz % BLOCK == 0:   # whole blocks
+                data = data[:, :sz]
+            else:                   # any other size: byte by byte out of the blocks it spans
                 data = np.take_along_axis(data, inside[:, None] + np.arange(sz), 1)
             at = torch.from_numpy(pick).to(out.device)
             runs = torch.from_numpy(np.ascontiguousarray(data)).to(out.device)
