@@ -9,6 +9,7 @@ from ._common import KERNEL_CALLS, use_triton
 from .chunk_scores import chunk_scores, chunk_scores_ref, quantize_minmax
 from .gather_pages import gather_pages, gather_pages_ref, segment_addresses
 from .gather_pinned import gather_pinned, gather_pinned_ref
+from .kmeans import kmeans, kmeans_assign, kmeans_assign_ref
 from .kv_quant import dequantize_page, dequantize_page_ref, quantize_page, quantize_page_ref
 from .lowrank_rope import lowrank_rope, lowrank_rope_ref
 from .merge_attention import merge_attention, merge_attention_ref, merge_into, merge_into_ref
@@ -30,4 +31,5 @@ __all__ = [
     "rms_norm", "rms_norm_ref", "add_rms_norm", "add_rms_norm_ref", "silu_mul", "silu_mul_ref",
     "rope", "rope_ref", "rope_append", "rope_append_ref",
     "quantize_page", "quantize_page_ref", "dequantize_page", "dequantize_page_ref",
+    "kmeans", "kmeans_assign", "kmeans_assign_ref",
 ]
