@@ -263,6 +263,22 @@ def bench_quant(ceil, kind, bits):
     return [q_row, d_row]
 
 
+def bench_kmeans(ceil, keys, clusters):
+    """`kmeans_assign` on one prefill chunk's keys of a layer (8 KV heads, ~16 keys a cluster): compute-bound, so
+    reported in TFLOP/s (the products of every key with every centroid of its head), against torch's einsum."""
+    from localkv.kernels import kmeans_assign, kmeans_assign_ref
+
+    x = torch.randn(HKV, keys, D, dtype=DT, device=DEV)
+    c = torch.randn(HKV, clusters, D, dtype=DT, device=DEV)
+    out = torch.empty(HKV, keys, dtype=torch.long, device=DEV)
+    ms = _bench_graphed([lambda: kmeans_assign(x, c, out=out)] * 8)
+    ref_ms = _bench_graphed([lambda: kmeans_assign_ref(x, c)] * 8)
+    err = float((kmeans_assign(x, c) != kmeans_assign_ref(x, c)).float().mean())   # share of keys that differ
+    flops = 2 * HKV * keys * clusters * D
+    return _row("kmeans_assign", f"{HKV}x{keys} keys, {clusters} centroids", x.numel() * 2 + c.numel() * 2, ms,
+                ref_ms, err, None, ceil, None, {"TFLOPs": flops / ms / 1e9})
+
+
 def _table(rows) -> str:
     head = (f"{'op':<17}{'shape':<30}{'MB':>9}{'ms':>9}{'GB/s':>9}{'%ceil':>7}{'torch ms':>10}{'speedup':>9}"
             f"{'max err':>10}  goal")
@@ -298,7 +314,8 @@ def main() -> int:
             *[("gather_pinned", bench_gather, (n,)) for n in BUDGET_CHUNKS],
             *[("lowrank_rope", bench_lowrank, (n,)) for n in BUDGET_CHUNKS],
             ("kv_quant", bench_quant, ("key", 4)), ("kv_quant", bench_quant, ("value", 4)),
-            ("kv_quant", bench_quant, ("value", 8))]
+            ("kv_quant", bench_quant, ("value", 8)),
+            ("kmeans_assign", bench_kmeans, (4096, 256)), ("kmeans_assign", bench_kmeans, (16384, 1024))]
     rows = []
     for name, fn, args in jobs:
         t = time.time()
