@@ -363,3 +363,19 @@ def test_a_prefetch_the_steps_do_not_use_is_skipped_then_tried_again(tmp_path):
     assert reader.skipped[1] == 0 and reader.useful[1] > 0.9
     assert reader.useful[0] < 0.25 and reader.prefetches_skipped >= PREFETCH_RETRY - 1
     assert reader.prefetches > 3 + PREFETCH_RETRY   # layer 1 every step, layer 0 at first and on its retry
+
+
+def test_the_estimate_counts_scattered_disk_reads(tmp_path):
+    """At 1M with half the KV on disk a step's disk time is its count of unit reads, not their bytes: eight times
+    the budget is about eight times the estimate, and quantized pages (K and V of a unit in one read) halve it."""
+    from localkv.bench.shapes import shape_args
+    from localkv.offload.planner import Bandwidths, make_plan
+
+    args = shape_args("llama3-8b")
+    kw = dict(device="cpu", kv_dtype=torch.bfloat16, weights_bytes=0, gpu_mem=6 << 30, cpu_mem=64 << 30,
+              disk=tmp_path, disk_mem=200 << 30, bandwidths=Bandwidths(hbm=1e15, h2d=1e15))   # only the disk counts
+    ms = {(budget, quant): make_plan(args, 1 << 20, policy="leoam", options={"budget": budget, "disk_quant": quant},
+                                     **kw).ms_per_token
+          for budget in (2048, 16384) for quant in (None, "int8")}
+    assert 7 < ms[16384, None] / ms[2048, None] < 9
+    assert 1.9 < ms[2048, None] / ms[2048, "int8"] < 2.1

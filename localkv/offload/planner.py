@@ -6,7 +6,8 @@ through the registry, what it keeps besides the store's pages (`Policy.footprint
 placed first, then the pages fill the tiers fastest first. The estimate of ms/token is the time to stream the
 weights once from GPU memory plus the bytes the policy says a step reads per link (`Policy.estimate`; for exact
 attention every offloaded KV byte once over PCIe or from disk: the two overlap with compute but not with each
-other on a typical PC's single PCIe link to the GPU). When the context fits no tier combination the planner
+other on a typical PC's single PCIe link to the GPU); scattered disk reads cost their count (`StepBytes.disk_reads`)
+where that is more than their bytes. When the context fits no tier combination the planner
 refuses with a ContextOverflowError that says by how much.
 """
 
@@ -32,6 +33,9 @@ class Bandwidths:
     hbm: float = 1.0e12    # a gaming GPU (RTX 4090 ~1 TB/s)
     h2d: float = 25e9      # PCIe 4.0 x16, pinned
     disk: float = 3e9      # a PCIe 4.0 NVMe, random 1 MiB reads
+    disk_reads: float = 40e3
+    """Scattered small reads (4 KB) a second: the GPU machine's disk served LeoAM's ~16,000 a step at 1M in
+    389 ms with 4 in flight (docs/benchmarks.md); a sparse step's disk time is its reads, not its bytes."""
 
 
 @dataclass
@@ -162,7 +166,8 @@ def make_plan(args: ModelArgs, ctx_tokens: int, *, model: str = "model", policy:
     plan.tiered = (fp.gpu_values or plan.gpu.tokens < ctx_tokens
                    or gpu_mem is not None or cpu_mem is not None or disk is not None)
     step = spec.estimate(inputs, fp, plan)
-    plan.ms_per_token = 1e3 * (weights / bw.hbm + step.hbm / bw.hbm + step.h2d / bw.h2d + step.disk / bw.disk)
+    disk_s = max(step.disk / bw.disk, step.disk_reads / bw.disk_reads)
+    plan.ms_per_token = 1e3 * (weights / bw.hbm + step.hbm / bw.hbm + step.h2d / bw.h2d + disk_s)
     plan.how = step.how
     plan.notes += step.notes
     if ctx_tokens > args.max_seq_len:

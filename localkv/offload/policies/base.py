@@ -102,6 +102,8 @@ class StepBytes:
     """Over PCIe from pinned CPU memory."""
     disk: float = 0.0
     """From the disk tier."""
+    disk_reads: float = 0.0
+    """Separate reads from the disk tier, for a policy that reads small scattered runs (0: few, large ones)."""
     how: str = ""
     """One line on what the estimate counts, for ``localkv plan``."""
     notes: list[str] = field(default_factory=list)

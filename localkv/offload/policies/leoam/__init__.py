@@ -51,16 +51,23 @@ class LeoAMPolicy(Policy):
         ctx = inputs.ctx_tokens
         _, abstract, step = plan_bytes(inputs.args, ctx, inputs.elt, cfg)
         disk = step * plan.disk.tokens / ctx * fp.disk_ratio if ctx else 0.0
+        # each selected 16-token unit on disk is a read of its own (K and V together when quantized)
+        unit_bytes = 16 * inputs.args.head_dim * inputs.elt
+        reads = step / (2 * unit_bytes) * plan.disk.tokens / ctx * (1 if cfg.disk_quant else 2) if ctx else 0.0
         off_gpu = step * (ctx - plan.gpu.tokens) / ctx if ctx else 0.0   # what the GPU tier does not hold
         over_pcie = inputs.on_gpu and plan.gpu.tokens < ctx
         out = StepBytes(hbm=abstract + (step - off_gpu if over_pcie else step), h2d=off_gpu if over_pcie else 0.0,
-                        disk=disk, how="leoam: weights once from GPU memory, the abstracts scored, the selected "
-                                       "chunks over PCIe / from disk")
+                        disk=disk, disk_reads=reads,
+                        how="leoam: weights once from GPU memory, the abstracts scored, the selected chunks over "
+                            "PCIe / from disk (a read per unit there)")
         cache = (f"a chunk cache of {cfg.cache_factor:g} budgets" if cfg.cache_factor else
                  "no chunk cache (one buffer the layers share)")
         out.notes.append(f"leoam keeps {format_bytes(fp.gpu_bytes)} on the GPU ({cfg.abstract_dtype} abstracts, "
                          f"{cache}, sink and window) and reads up to {format_bytes(step)} of K and V a step at "
                          f"full context (fewer with chunks still in its cache)")
+        if reads >= 10_000:
+            out.notes.append(f"leoam may read {reads:,.0f} separate units from disk a step at full context (none of "
+                             f"them cached): a smaller budget (--policy-opt budget=2048) or more --cpu-mem reads fewer")
         if cfg.disk_quant and plan.disk.tokens:
             how = {"int8": "int8", "int4": "int4", "mixed": "int8, int4 where attention is flat"}[cfg.disk_quant]
             out.notes.append(f"leoam writes the disk's pages quantized (disk_quant={cfg.disk_quant}: {how}), "
