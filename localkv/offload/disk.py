@@ -55,6 +55,12 @@ def block_sums(data: np.ndarray) -> np.ndarray:
     return (words * _WEIGHTS).sum(1, dtype=np.uint64)
 
 
+def run_items(firsts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Runs ``firsts[i] .. firsts[i] + counts[i] - 1`` laid end to end: every item of every run, in order."""
+    starts = np.cumsum(counts) - counts                  # where each run begins in the output
+    return np.repeat(firsts - starts, counts) + np.arange(int(counts.sum()))
+
+
 def _grown(a: np.ndarray, n: int) -> np.ndarray:
     """``a`` with room for at least ``n`` rows (doubling), new rows zero."""
     if n <= len(a):
@@ -274,11 +280,9 @@ class DiskTier:
             if got < n * DISK_ALIGN:
                 raise UserError(f"KV page {slot} of layer {layer} is truncated in {self.path(layer)}")
         self.bytes_read += int(counts.sum()) * DISK_ALIGN
-        # every block read, with its page and index: (run, block) pairs flattened
-        each = np.repeat(np.arange(len(counts)), counts)
-        offset = np.arange(len(each)) - np.repeat(np.cumsum(counts) - counts, counts)
-        at = np.repeat(rows, counts) + offset
-        self._check(layer, slots[each], firsts[each] + offset, out[at].reshape(-1))
+        # every block read: its page's slot, its index in the page, its row of ``out``
+        read = out[run_items(rows, counts)].reshape(-1)
+        self._check(layer, np.repeat(slots, counts), run_items(firsts, counts), read)
 
     def close(self) -> None:
         for fd in self.fds.values():

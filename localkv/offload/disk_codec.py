@@ -82,16 +82,22 @@ class QuantizedPages:
             meta.append(torch.stack([scale.reshape(Hkv, -1), zero.reshape(Hkv, -1)], 1))   # (Hkv, 2, D | P)
         return torch.cat(codes, 2).reshape(-1), torch.cat(meta, 2)
 
-    def unit_meta(self, meta: torch.Tensor, part: int, head: int, unit: int) -> torch.Tensor:
-        """The scale and zero one unit's codes decode with: (2, D) for keys, (2, 16) for values."""
+    def units_meta(self, meta: torch.Tensor, part: int, heads: torch.Tensor, units: torch.Tensor,
+                   lead: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+        """The scales and zeros units decode with, in one gather: ``meta`` (..., Hkv, 2, D + P) (the ``encode``
+        meta of a page, or of many with their leading indices in ``lead``), the units' KV heads and unit indices
+        (n,) int64 -> (n, 2, D) of keys' channels, or (n, 2, 16) of values' tokens."""
         D = self.geometry.head_dim if self.geometry.parts == 2 else 0
         if self._keys(part):
-            return meta[head, :, :D]
-        return meta[head, :, D + unit * UNIT:D + (unit + 1) * UNIT]
+            cols = torch.arange(D).expand(len(heads), D)
+        else:
+            cols = (D + units * UNIT)[:, None] + torch.arange(UNIT)
+        index = (*(i[:, None] for i in lead), heads[:, None], slice(None), cols)
+        return meta[index].permute(0, 2, 1)   # advanced indices first: (n, cols, 2) -> (n, 2, cols)
 
     def decode_units(self, codes: torch.Tensor, meta: torch.Tensor, part: int, bits: int,
                      dtype: torch.dtype) -> torch.Tensor:
-        """Units' codes (n, code_bytes) uint8 and their `unit_meta` (n, 2, ·) fp16 of ``part`` -> the units
+        """Units' codes (n, code_bytes) uint8 and their `units_meta` (n, 2, ·) fp16 of ``part`` -> the units
         (n, 16, D) in ``dtype``, on the codes' device."""
         n, D = codes.shape[0], self.geometry.head_dim
         key = self._keys(part)
@@ -104,10 +110,11 @@ class QuantizedPages:
         """A page's codes (at least ``page_bytes(bits)`` uint8) and meta -> the page (parts, Hkv, P, D)."""
         g = self.geometry
         units = codes[:self.page_bytes(bits)].view(g.n_kv_heads, self.units, g.parts, -1)
+        heads = torch.arange(g.n_kv_heads).repeat_interleave(self.units)      # (head, unit) of each unit, in order
+        index = torch.arange(self.units).repeat(g.n_kv_heads)
         parts = []
         for part in range(g.parts):
-            rows = [self.unit_meta(meta, part, h, u) for h in range(g.n_kv_heads) for u in range(self.units)]
             got = self.decode_units(units[:, :, part].reshape(g.n_kv_heads * self.units, -1),
-                                    torch.stack(rows), part, bits, dtype)
+                                    self.units_meta(meta, part, heads, index).to(codes.device), part, bits, dtype)
             parts.append(got.view(g.n_kv_heads, g.page_tokens, -1))
         return torch.stack(parts)

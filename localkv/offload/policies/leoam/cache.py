@@ -292,7 +292,7 @@ class LeoAM(SparseStoreCache):
         }
         if self.store.disk is not None and self.store.disk.codec is not None:
             disk = self.store.disk
-            bits = np.concatenate([b[:len(z)][z[:len(b)] > 0] for b, z in zip(disk.bits, disk.sizes)])
+            bits = np.concatenate([b[z > 0] for b, z in zip(disk.bits, disk.sizes)])   # the slots in use
             out["disk_pages_int4"] = float((bits == 4).mean()) if len(bits) else 0.0
         if self.config.measure_recall:
             total, rows = self.recall.tolist()

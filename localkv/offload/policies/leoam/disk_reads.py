@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from ...chunks import StoreChunks
+from ...disk import run_items
 from ...pages import DISK_ALIGN, KEYS, VALUES
 from ...store import KVStore
 
@@ -158,8 +159,7 @@ class DiskBlocks:
             self.batches += 1
             self.pending[b] = self.threads.submit(self.store.disk.read_runs, layer, run_slots, firsts, counts,
                                                   self.pool, starts)
-            self.batch[np.repeat(starts, counts) + np.arange(int(counts.sum()))
-                       - np.repeat(np.cumsum(counts) - counts, counts)] = b
+            self.batch[run_items(starts, counts)] = b
         self._count(m * BLOCK)
 
     def request(self, layer: int, keys: np.ndarray, slots: np.ndarray) -> None:
@@ -291,14 +291,15 @@ class LayerChunks(StoreChunks):
         page = tok // P
         slot = self.disk_slot[page]
         parts = (KEYS, VALUES) if g.parts == 2 else (VALUES,)
+        spans = {p: self._spans(p, hh, tok, slot) for p in (parts if part == parts[0] else (part,))}
         if part == parts[0]:   # every part's blocks at once: K and V share blocks or are read side by side
-            each = [self._keys(page, *self._spans(p, hh, tok, slot)[:2]) for p in parts]
+            each = [self._keys(page, *spans[p][:2]) for p in parts]
             keys, first = np.unique(np.concatenate([k.reshape(-1) for k in each]), return_index=True)
             block_slots = np.concatenate([np.repeat(slot, k.shape[1]) for k in each])[first]
             self.reader.request(self.layer, keys, block_slots)
             self.disk_blocks = (np.concatenate([self.disk_blocks[0], keys]),
                                 np.concatenate([self.disk_blocks[1], block_slots]))
-        offset, size, bits = self._spans(part, hh, tok, slot)
+        offset, size, bits = spans[part]
         rows = out.view(Hkv, -1, C * D)
         slots = dst[h, j]
         for b in ([None] if bits is None else np.unique(bits).tolist()):
@@ -319,12 +320,7 @@ class LayerChunks(StoreChunks):
             if b is None:
                 rows[h[at], slots[at]] = runs.view(g.dtype).view(n, C * D)
                 continue
-            meta = disk.meta[self.layer]                          # (slots, Hkv, 2, D + P) fp16 on the host
-            s_t, h_t = torch.from_numpy(slot[pick]), torch.from_numpy(hh[pick])
-            if part == KEYS and g.parts == 2:
-                scales = meta[s_t, h_t, :, :D]                                        # (n, 2, D)
-            else:
-                cols = torch.from_numpy(D + tok[pick] % P // C * C)[:, None] + torch.arange(C)
-                scales = meta[s_t[:, None], h_t[:, None], :, cols].permute(0, 2, 1)   # (n, 2, 16)
+            scales = disk.codec.units_meta(disk.meta[self.layer], part, torch.from_numpy(hh[pick]),  # host meta
+                                           torch.from_numpy(tok[pick] % P // C), lead=(torch.from_numpy(slot[pick]),))
             codes = disk.codec.decode_units(runs, scales.to(out.device), part, b, out.dtype)
             rows[h[at], slots[at]] = codes.view(n, C * D)
