@@ -22,6 +22,7 @@ source and, with ``measure_recall=True``, the exact attention mass the attended 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
@@ -90,11 +91,11 @@ class LeoAMConfig:
     attention deserts (no 16-token unit holding over `DESERT_WEIGHT` times its even share of its block's measured
     attention); "int4". None: pages on disk as they are in memory, or "mixed" where the plan needs it (the context
     fits the tiers only with its disk pages quantized)."""
-    io_threads: int = 16
-    """Threads reading the selected chunks' disk blocks (0: read on the decode thread, uncached). A step's disk
-    reads are thousands of scattered 4 KB blocks, bound by how many the disk serves at once: 512 random blocks
-    (O_DIRECT, the CPU machine's virtio disk) took 45.9 ms on 1 thread, 21.1 on 4, 19.1 on 16, 22.8 on 32; NVMe
-    drives need 16 or more requests in flight for their random-read rate."""
+    io_threads: int | None = None
+    """Threads reading the selected chunks' disk blocks (0: read on the decode thread, uncached). None: twice the
+    CPU cores, at most 16. A step's disk reads are thousands of scattered 4 KB blocks, served faster the more are
+    in flight (NVMe drives want 16 or more), but each thread costs the host: on the 2-core CPU machine
+    (SmolLM2-135M shape, 32K, quantized disk pages) a step took 612 ms with 4 threads and 715 ms with 16."""
     disk_cache_bytes: int = 64 << 20
     """Host bytes of disk blocks kept after they are read (least recently used go first); "256MB" is read too."""
     measure_recall: bool = False
@@ -231,7 +232,8 @@ class LeoAM(SparseStoreCache):
         # the next layer never evicts what this one asked for
         step_units = -(-budget_tokens(cfg.budget, capacity) // UNIT) * args.n_kv_heads
         unit_blocks = 2 * max(1, UNIT * args.head_dim * dtype.itemsize // BLOCK)
-        self.disk_blocks = DiskBlocks(self.store, cfg.io_threads, cfg.disk_cache_bytes,
+        threads = cfg.io_threads if cfg.io_threads is not None else min(16, 2 * (os.cpu_count() or 1))
+        self.disk_blocks = DiskBlocks(self.store, threads, cfg.disk_cache_bytes,
                                       min_blocks=4 * step_units * unit_blocks)
         self.moved = torch.zeros(3, dtype=torch.long, device=device)   # head-units read per tier (device/CPU/disk)
         self.hits = torch.zeros((), dtype=torch.long, device=device)   # selected head-units found in the cache
