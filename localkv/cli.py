@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--budget", default=None, help="budget= of the sparse policies, comma-separated: 2048, 1/16, "
                        "default")
     bench.add_argument("--policy-opt", default=None, metavar="KEY=VALUE,...", help="options of every sparse "
-                       "policy's rows, comma-separated: rank=128,sink_tokens=16")
+                       "policy's rows, comma-separated: rank=128,sink_tokens=16 (louiskv.tau=0.8: one policy's only)")
     bench.add_argument("--gpu-mem", default=None, help="KV budget on the GPU, e.g. 4GB (default: what is free)")
     bench.add_argument("--cpu-mem", default=None, help="KV budget in pinned CPU memory, e.g. 16GB")
     bench.add_argument("--gpu-cap", default=None, help="cap this process's GPU memory, e.g. 24GB (a gaming card)")
@@ -113,12 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--budget", default="1/32,1/16,1/8", help="budget= of the sparse policies, comma-separated: "
                     "tokens (2048), shares of the context (1/16) or 'default'; default 1/32,1/16,1/8")
     ev.add_argument("--policy-opt", default=None, metavar="KEY=VALUE,...", help="more options of every sparse "
-                    "policy's rows, comma-separated: sink_tokens=16")
+                    "policy's rows, comma-separated: sink_tokens=16 (louiskv.tau=0.8: one policy's only)")
     ev.add_argument("--gpu-mem", default=None, help="KV budget on the GPU (the device's memory on a CPU), e.g. "
                     "64MB: with --cpu-mem and --disk, runs every policy over the tiers")
     ev.add_argument("--cpu-mem", default=None, help="KV budget in (pinned) CPU memory, e.g. 16MB")
     ev.add_argument("--disk", default=None, metavar="DIR", help="directory for the disk tier")
     ev.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON")
+    ev.add_argument("--calibrate", action="store_true", help="first fit the policies that calibrate (louiskv's "
+                    "tau) to the model on the first context, stored beside the model cache for later runs")
     ev.add_argument("--device", default=None, help="cuda, cpu, ... (default: the GPU if there is one)")
     ev.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: bf16 on GPU, fp32 on CPU)")
     ev.set_defaults(func=cmd_eval)
@@ -339,7 +341,7 @@ def cmd_bench(args) -> int:
 
 def cmd_eval(args) -> int:
     from . import api
-    from .eval import fidelity, fidelity_table, read_texts, sparse_policies
+    from .eval import calibrate, fidelity, fidelity_table, read_texts, sparse_policies
     from .units import parse_tokens
 
     text = read_texts(args.text)
@@ -355,8 +357,17 @@ def cmd_eval(args) -> int:
     llm = api.load(args.model, ctx=max(ctxs) + args.continuation + 1, device=args.device, dtype=args.dtype,
                    gpu_mem=args.gpu_mem, cpu_mem=args.cpu_mem, disk=args.disk)
     ids = llm.engine.encode_raw(text)
+    say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    if args.calibrate:
+        fitted = calibrate(llm, ids, ctxs[0], args.continuation, policies, progress=say)
+        for policy, (opts, path) in fitted.items():
+            shown = {k: (f"{min(v):.3f}..{max(v):.3f} over {len(v)} layers" if isinstance(v, list) else v)
+                     for k, v in opts.items()}
+            say(f"{policy}: calibrated {', '.join(f'{k} {v}' for k, v in shown.items())} (saved to {path})")
+        if not fitted:
+            say(f"none of {', '.join(policies)} calibrates: nothing stored")
     rows = fidelity(llm, ids, ctxs, args.continuation, policies, budgets,
-                    progress=lambda line: print(line, file=sys.stderr, flush=True), options=options)
+                    progress=say, options=options)
     if out is not None:
         import json
 

@@ -21,7 +21,7 @@ from .errors import UserError
 from .units import format_tokens
 
 
-def _teacher_forced(engine, context_ids: list[int], continuation_ids: list[int]) -> tuple[torch.Tensor, dict]:
+def _teacher_forced(engine, context_ids: list[int], continuation_ids: list[int]) -> tuple[torch.Tensor, object]:
     if not context_ids:
         raise ValueError("decode_logits needs at least one context token")
     seq = engine.new_sequence()
@@ -33,7 +33,7 @@ def _teacher_forced(engine, context_ids: list[int], continuation_ids: list[int])
     rows = [logits]
     for token in continuation_ids[:-1]:
         rows.append(engine.decode_one(seq, int(token)))
-    return torch.stack(rows[:len(continuation_ids)]).float(), seq.cache.stats()
+    return torch.stack(rows[:len(continuation_ids)]).float(), seq.cache
 
 
 @torch.inference_mode()
@@ -111,11 +111,12 @@ def fidelity(llm, text_ids: list[int], ctxs: list[int], continuation: int, polic
         budgets: (label, value) pairs passed as the ``budget=`` option (tokens as int, share of the context as
             float, None for the policy's default); empty: each policy's own default.
         progress: called with a line before each run.
-        options: more options for every sparse policy (``--policy-opt``).
+        options: more options for every sparse policy (``--policy-opt``; ``policy.key`` for one only).
 
     Returns:
         One dict per row: ``ctx``, ``policy``, ``budget`` (the label, None for exact or a default),
-        ``kl``, ``top1``, ``attention_recall`` (1.0 for exact, None when the policy does not report it).
+        ``kl``, ``top1``, ``attention_recall`` (1.0 for exact, None when the policy does not report it),
+        ``retrieval_rate`` (the share of layer-steps that fetched, for a policy that reports it; else None).
     """
     from .offload import policies as registry
 
@@ -128,7 +129,7 @@ def fidelity(llm, text_ids: list[int], ctxs: list[int], continuation: int, polic
     for policy in policies:   # unknown names and bad options fail before the first run
         spec = registry.get(policy)
         if spec.sparse:
-            spec.parse({**options, "budget": None})
+            spec.parse({**registry.scoped(options, policy), "budget": None})
     say = progress or (lambda _: None)
     rows = []
     for ctx in ctxs:
@@ -139,28 +140,56 @@ def fidelity(llm, text_ids: list[int], ctxs: list[int], continuation: int, polic
             sparse = registry.get(policy).sparse
             runs = budgets if sparse and budgets else [(None, None)]
             for label, budget in runs:
-                run_options = {**options, "measure_recall": True} if sparse else {}
+                run_options = {**registry.scoped(options, policy), "measure_recall": True} if sparse else {}
                 if budget is not None:
                     run_options["budget"] = budget
                 say(f"{policy}{f' budget={label}' if label else ''} at {ctx:,} tokens")
-                logits, stats = _teacher_forced(_engine(llm, policy, ctx + continuation + 1, run_options), context,
+                logits, cache = _teacher_forced(_engine(llm, policy, ctx + continuation + 1, run_options), context,
                                                 cont)
+                stats = cache.stats()
                 kl, top1 = _compare(ref, logits)
                 recall = stats.get("attention_recall") if sparse else 1.0
                 held = sum(stats.get(f"{t}_tokens", 0) for t in ("gpu", "cpu", "disk"))
                 rows.append({"ctx": ctx, "policy": policy, "budget": label, "kl": kl, "top1": top1,
                              "attention_recall": None if recall is None else float(recall),
+                             "retrieval_rate": stats.get("retrieval_rate") if sparse else None,
                              "disk_share": stats.get("disk_tokens", 0) / held if held else 0.0,
                              "disk_pages_int4": stats.get("disk_pages_int4")})
     return rows
 
 
+@torch.inference_mode()
+def calibrate(llm, text_ids: list[int], ctx: int, continuation: int, policies: list[str],
+              progress: Callable[[str], None] | None = None) -> dict[str, tuple[dict, Path]]:
+    """Fit each policy that calibrates (`Policy.calibrate`) to ``llm``'s model on one teacher-forced run (the first
+    ``ctx`` tokens of the text, then ``continuation`` decoded) and store what it fits beside the model cache
+    (`models.calibration`), where later engines find it. Returns ``{policy: (options, file)}``."""
+    from .models import calibration
+    from .offload import policies as registry
+
+    if len(text_ids) < ctx + continuation:
+        raise UserError(f"calibrating needs {ctx + continuation:,} tokens of text, got {len(text_ids):,}")
+    fitted = {}
+    for policy in policies:
+        spec = registry.get(policy)
+        if type(spec).calibrate is registry.Policy.calibrate:
+            continue
+        (progress or (lambda _: None))(f"calibrating {policy} at {ctx:,} tokens")
+        engine = _engine(llm, policy, ctx + continuation + 1, {})
+        _, cache = _teacher_forced(engine, list(text_ids[:ctx]), list(text_ids[ctx:ctx + continuation]))
+        options = spec.calibrate(cache)
+        if options:
+            fitted[policy] = (options, calibration.save(llm.loaded.source, policy, options))
+    return fitted
+
+
 def fidelity_table(rows: list[dict]) -> str:
     """``fidelity``'s rows as the table ``localkv eval`` prints."""
     lines = [f"{'ctx':<6}  {'policy':<12}  {'budget':<8}  {'KL(exact||policy)':>17}  {'top-1':>6}  "
-             f"{'attention recall':>16}  {'on disk':>7}"]
+             f"{'attention recall':>16}  {'retrieval':>9}  {'on disk':>7}"]
     for r in rows:
         recall = "n/a" if r["attention_recall"] is None else f"{r['attention_recall']:.3f}"
+        rate = "-" if r.get("retrieval_rate") is None else f"{r['retrieval_rate']:.3f}"
         lines.append(f"{format_tokens(r['ctx']):<6}  {r['policy']:<12}  {r['budget'] or '-':<8}  {r['kl']:>17.2e}  "
-                     f"{r['top1']:>6.3f}  {recall:>16}  {r.get('disk_share', 0.0):>7.0%}")
+                     f"{r['top1']:>6.3f}  {recall:>16}  {rate:>9}  {r.get('disk_share', 0.0):>7.0%}")
     return "\n".join(lines)

@@ -93,7 +93,8 @@ def test_sparse_policy_gets_budget_and_measure_recall(capsys, monkeypatch, tiny_
                                 {"sink_tokens": 16, "measure_recall": True}]
     lines = out.strip().splitlines()
     assert len(lines) == 4 and "1/8" in lines[1] and "0.750" in lines[1] and "32" in lines[2]
-    assert "default" in lines[3] and lines[3].split()[-2:] == ["n/a", "0%"]  # the fake reports no recall, no disk
+    # the fake reports no recall, no retrieval rate, no disk
+    assert "default" in lines[3] and lines[3].split()[-3:] == ["n/a", "-", "0%"]
 
 
 def test_recall_not_reported_prints_na(capsys, monkeypatch, tiny_dir, text_file):
@@ -101,7 +102,7 @@ def test_recall_not_reported_prints_na(capsys, monkeypatch, tiny_dir, text_file)
     code, out, err = run(capsys, "eval", str(tiny_dir), "--text", str(text_file), "--ctx", "64",
                          "--continuation", "8", "--policy", "fake", "--budget", "", "--device", "cpu")
     assert code == 0, err
-    assert out.strip().splitlines()[-1].split()[-2] == "n/a"
+    assert out.strip().splitlines()[-1].split()[-3] == "n/a"
 
 
 def test_missing_text_file(capsys, tiny_dir, tmp_path):

@@ -8,7 +8,7 @@ import torch
 
 from localkv.errors import UserError
 from localkv.offload import make_cache
-from localkv.offload.policies.leoam.disk_reads import BLOCK
+from localkv.offload.disk_reads import BLOCK
 from localkv.offload.policies.leoam.chunking import UNIT, abstracts, cut_fixed, cut_variable, unit_rows
 from localkv.offload.store import Budgets
 
@@ -321,7 +321,7 @@ def test_disk_reads_by_block_equal_whole_page_reads(tmp_path, head_dim, quant):
     from localkv.offload.chunks import StoreChunks
     from localkv.offload.disk_codec import QuantizedPages
     from localkv.offload.pages import PageGeometry
-    from localkv.offload.policies.leoam.disk_reads import DiskBlocks, LayerChunks
+    from localkv.offload.disk_reads import DiskBlocks, LayerChunks
     from localkv.offload.store import KVStore
 
     g = PageGeometry(1, 3, head_dim, 256, torch.float32)
@@ -344,7 +344,7 @@ def test_a_prefetch_the_steps_do_not_use_is_skipped_then_tried_again(tmp_path):
     """A layer whose prefetched blocks its steps never ask for stops prefetching (its reads would only compete
     with the useful ones), tries again after `PREFETCH_RETRY` skips; one whose prefetches are used keeps them."""
     from localkv.offload.pages import PageGeometry
-    from localkv.offload.policies.leoam.disk_reads import PREFETCH_RETRY, DiskBlocks
+    from localkv.offload.disk_reads import PREFETCH_RETRY, DiskBlocks
     from localkv.offload.store import KVStore
 
     g = PageGeometry(2, 2, 64, 256, torch.float32)

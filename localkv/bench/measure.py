@@ -39,8 +39,9 @@ def timed_prefill(engine, seq, n_tokens: int, progress: Callable[[str], None] | 
     return time.perf_counter() - t0
 
 
-def decode_times(engine, seq, steps: int) -> list[float]:
-    """Run ``steps`` decode steps (one random token each, appended to ``seq``); seconds of each."""
+def decode_times(engine, seq, steps: int, kinds: list | None = None) -> list[float]:
+    """Run ``steps`` decode steps (one random token each, appended to ``seq``); seconds of each. ``kinds``, if
+    given, gets each step's `KVCache.step_kind`."""
     device = engine.model.device
     tokens = torch.randint(0, engine.model.args.vocab_size, (steps,)).tolist()
     times = []
@@ -50,7 +51,20 @@ def decode_times(engine, seq, steps: int) -> list[float]:
         engine.decode_one(seq, token)
         sync(device)
         times.append(time.perf_counter() - t)
+        if kinds is not None:
+            kinds.append(seq.cache.step_kind())
     return times
+
+
+def by_kind(times: list[float], kinds: list) -> dict | None:
+    """Median ms and count of the steps of each kind, or None when the policy's steps have no kinds."""
+    if not any(kinds):
+        return None
+    out = {}
+    for kind in sorted({k for k in kinds if k}):
+        ms = [1e3 * t for t, k in zip(times, kinds) if k == kind]
+        out[kind] = {"median_ms": percentile(ms, 50), "steps": len(ms)}
+    return out
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -54,6 +54,15 @@ def table(result: dict) -> str:
     widths = [max(len(r[i]) for r in (grid if i < 2 else measured)) for i in range(len(_COLUMNS))]
     lines.append("")
     lines += ["  ".join(f"{cell:<{w}}" for cell, w in zip(r, widths)).rstrip() for r in grid]
+    split = [r for r in result["rows"] if r.get("decode_ms_by_kind")]
+    if split:
+        lines.append("")
+    for r in split:   # a policy whose steps differ in kind (retrieve / reuse): each kind's median
+        kinds = ", ".join(f"{k} {v['median_ms']:,.1f} ms ({v['steps']} steps)"
+                          for k, v in r["decode_ms_by_kind"].items())
+        rate = r.get("stats", {}).get("retrieval_rate")
+        lines.append(f"{format_tokens(r['ctx'])} {r['label']}: {kinds}"
+                     + (f"; retrieval rate {rate:.2f}" if rate is not None else ""))
     return "\n".join(lines)
 
 

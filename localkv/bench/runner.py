@@ -28,7 +28,7 @@ from ..offload.store import Budgets
 from ..runtime import Engine
 from ..units import format_tokens
 from .ceilings import Ceilings, measure_ceilings
-from .measure import OOM, decode_times, sync, timed_prefill
+from .measure import OOM, by_kind, decode_times, sync, timed_prefill
 from .model import random_model, weights_bytes
 from .needles import Needles
 from .peer_hf import PEER_CACHES, hf_model, peer_row
@@ -53,7 +53,8 @@ class BenchConfig:
     budgets: list[tuple[str, int | float]] = field(default_factory=list)
     """(as typed, value) pairs passed as ``budget=`` to every sparse policy, one row each."""
     options: dict[str, Any] = field(default_factory=dict)
-    """Options passed to every sparse policy (``--policy-opt``), e.g. ``{"budget": 1/16}``."""
+    """Options passed to every sparse policy (``--policy-opt``), e.g. ``{"budget": 1/16}``; a key ``policy.name``
+    goes to that policy only (`policies.scoped`)."""
     gpu_mem: int | None = None
     cpu_mem: int | None = None
     gpu_cap: int | None = None
@@ -83,11 +84,12 @@ def variants(config: BenchConfig) -> list[Variant]:
         if not registry.get(policy).sparse:
             out.append(Variant(policy, {}, policy))
             continue
-        label = " ".join([policy] + [f"{k}={v}" for k, v in config.options.items()])
+        options = registry.scoped(config.options, policy)
+        label = " ".join([policy] + [f"{k}={v}" for k, v in options.items()])
         if not config.budgets:
-            out.append(Variant(policy, dict(config.options), label))
+            out.append(Variant(policy, options, label))
         else:
-            out += [Variant(policy, {**config.options, "budget": value}, f"{label} budget={text}")
+            out += [Variant(policy, {**options, "budget": value}, f"{label} budget={text}")
                     for text, value in config.budgets]
     return out
 
@@ -108,7 +110,8 @@ def _plans(config: BenchConfig, args: ModelArgs, source: str, device: torch.devi
             try:
                 plan = make_plan(args, n + extra, model=source, policy=policy, device=device, kv_dtype=dtype,
                                  weights_bytes=weights, gpu_mem=gpu_mem, cpu_mem=config.cpu_mem, disk=config.disk,
-                                 options=config.options if registry.get(policy).sparse else None)
+                                 options=registry.scoped(config.options, policy) if registry.get(policy).sparse
+                                 else None)
             except ContextOverflowError as e:
                 if policy == registry.REFERENCE and registry.REFERENCE not in names:
                     continue   # planned only for the peers' rows, which then say the context does not fit
@@ -163,7 +166,8 @@ def run_policy(loaded: LoadedModel, variant: Variant, ctx: int, plan: Plan, conf
             prefill_s = timed_prefill(engine, seq, ctx, progress)
         decode_times(engine, seq, config.warmup)
         before = moved_bytes(seq.cache.stats())
-        times = decode_times(engine, seq, config.steps)
+        kinds: list = []
+        times = decode_times(engine, seq, config.steps, kinds)
         stats = seq.cache.stats()
         recall = needles.recall(model, seq.cache) if needles is not None else None
     except OOM:
@@ -172,7 +176,8 @@ def run_policy(loaded: LoadedModel, variant: Variant, ctx: int, plan: Plan, conf
         del seq
     extra = {"policy": variant.policy, "options": plain(variant.options), "peak_bytes": peak_bytes(stats),
              "moved_bytes_per_token": moved_per_token(before, moved_bytes(stats), config.steps),
-             "hit_rate": stats.get("hit_rate"), "needle_recall": recall, "fill_s": fill_s, "stats": plain(stats)}
+             "hit_rate": stats.get("hit_rate"), "needle_recall": recall, "fill_s": fill_s, "stats": plain(stats),
+             "decode_ms_by_kind": by_kind(times, kinds)}
     if device.type == "cuda":
         extra["gpu_allocated_peak"] = torch.cuda.max_memory_allocated(device)
     return make_row(variant.label, ctx, "synthesized" if config.synthetic_kv else "prefill", prefill_s, times,

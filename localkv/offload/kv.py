@@ -120,6 +120,11 @@ class KVCache(ABC):
         (the bench's needle recall)."""
         return None
 
+    def step_kind(self) -> str | None:
+        """What the last decode step did, for a policy whose steps differ in kind (LouisKV: "retrieve" or "reuse");
+        None for one whose steps are all alike. The bench times each kind apart."""
+        return None
+
     def stats(self) -> dict[str, Any]:
         """Numbers for the UI and benchmarks (tokens held, bytes per tier, bytes moved, hit rate)."""
         return {"tokens": self.length, "capacity": self.capacity}

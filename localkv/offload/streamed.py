@@ -35,11 +35,14 @@ class StreamedAttention:
     def __init__(self, cache, layer: int):
         self.cache, self.layer = weakref.proxy(cache), layer  # no cycle: the store goes with its cache
 
-    def prefill(self, q, k, v, rp, keys: KeySource | None = None):
+    def prefill(self, q, k, v, rp, keys: KeySource | None = None, held: tuple | None = None, write: bool = True):
         """Attention over the stored prefix and the chunk; stores the chunk. ``keys`` gives the prefix's keys
-        when the pages hold none (ShadowKV with ``exact_keys=False``); by default they are read from the pages."""
+        when the pages hold none (ShadowKV with ``exact_keys=False``); by default they are read from the pages.
+        ``held``: rotated (K, V) (Hkv, t, D) of the t tokens before the chunk that the store does not hold yet
+        (a policy that stores tokens when it indexes them); ``write=False`` leaves the chunk out of the store."""
         cache, store = self.cache, self.cache.store
         start = rp.start
+        stored = start - (held[0].shape[1] if held is not None else 0)   # tokens the store holds
         g = store.geometry
         P, Hkv, D, V = g.page_tokens, g.n_kv_heads, g.head_dim, g.part_index(VALUES)
         q, k = rp.rotate(q), rp.rotate(k)
@@ -51,15 +54,18 @@ class StreamedAttention:
                 n = kv.shape[0]
                 attn.add(keys(first * P, (first + n) * P), kv[:, V].transpose(0, 1).reshape(Hkv, n * P, D))
         # The open page's filled rows and the new tokens, one short causal run.
-        partial = start % P
+        partial = stored % P
         kt, vt = k.transpose(0, 1), v.transpose(0, 1)  # (Hkv, T, D)
+        if held is not None:
+            kt, vt = torch.cat([held[0].to(kt.dtype), kt], dim=1), torch.cat([held[1].to(vt.dtype), vt], dim=1)
         if partial:
             page = store.open_page(self.layer)
-            held = page[KEYS, :, :partial] if keys is None else keys(start - partial, start)
-            kt = torch.cat([held.to(kt.dtype), kt], dim=1)
+            rows = page[KEYS, :, :partial] if keys is None else keys(stored - partial, stored)
+            kt = torch.cat([rows.to(kt.dtype), kt], dim=1)
             vt = torch.cat([page[V, :, :partial].to(vt.dtype), vt], dim=1)
         attn.add(kt, vt, causal=True)
-        store.write(self.layer, start, k, v)
+        if write:
+            store.write(self.layer, start, k, v)
         return attn.result()
 
     decode = prefill

@@ -20,6 +20,7 @@ from typing import Iterator
 import torch
 
 from ..errors import ContextOverflowError
+from ..models import calibration
 from ..models.loader import LoadedModel
 from ..offload import KVCache, make_cache, policies
 from .detok import IncrementalDetokenizer, StopMatcher
@@ -86,7 +87,8 @@ class Engine:
         self.budgets = budgets
         """Tier budgets (``localkv.offload.store.Budgets``), or None to keep the KV whole on the device."""
         self.kv_dtype = kv_dtype or self.model.dtype
-        self.policy_options = policy_options
+        self.policy_options = {**calibration.options(loaded.source, policy), **policy_options}
+        """The policy's options: what the user gave over what ``localkv eval --calibrate`` fitted to the model."""
         self.cuda_graphs = cuda_graphs
         """Decode through CUDA graphs where the cache allows it (``localkv.runtime.graphs``)."""
         on_gpu = self.model.device.type == "cuda"

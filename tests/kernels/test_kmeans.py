@@ -15,7 +15,9 @@ def test_assignment_is_the_nearest_centroid(kernel_ran, dtype, H, N, K, D):
     c[:, -1] = c[:, 0]                       # a tie: the lower id wins
     got = kmeans_assign(x, c, out=torch.full((H, N), -1, dtype=torch.long, device=DEVICE))
     kernel_ran("kmeans_assign")
+    # centroid K-1 is centroid 0: the kernel must give 0, the reference's BLAS may round the two apart and give either
     want = kmeans_assign_ref(x, c)
+    want = torch.where(want == K - 1, 0, want)
     # where fp32 sums of 16-bit products could order two nearly equal centroids differently, both are right
     cf, xf = c.float(), x.float()
     score = torch.einsum("hnd,hkd->hnk", xf, cf) - 0.5 * (cf * cf).sum(-1)[:, None]
@@ -23,7 +25,7 @@ def test_assignment_is_the_nearest_centroid(kernel_ran, dtype, H, N, K, D):
     assert (got == want).float().mean() > 0.95 and gap.abs().max() < 1e-2 * score.abs().max()
     if dtype == torch.float32:
         assert torch.equal(got, want)
-    assert (got != K - 1).all() or (want == K - 1).any()
+    assert (got != K - 1).all()
 
 
 def test_kmeans_finds_planted_clusters_and_returns_their_means():

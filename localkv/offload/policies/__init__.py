@@ -16,7 +16,7 @@ from ...models.args import ModelArgs
 from ..kv import KVCache
 from ..store import Budgets
 from .base import (DEFAULT, REFERENCE, Footprint, PlanInputs, Policy, StepBytes, get, names, reference, register,
-                   unregister)
+                   scoped, unregister)
 
 for _info in pkgutil.iter_modules(__path__):
     if _info.ispkg:
@@ -36,4 +36,4 @@ def make_cache(policy: str, args: ModelArgs, capacity: int, *, device: torch.dev
 
 
 __all__ = ["DEFAULT", "REFERENCE", "Footprint", "PlanInputs", "Policy", "StepBytes", "get", "make_cache", "names",
-           "reference", "register", "unregister"]
+           "reference", "register", "scoped", "unregister"]

@@ -24,6 +24,7 @@ and a `Policy` answers, for the planner first and then for the engine:
                                         the planner places that first, and refuses when it cannot fit
     estimate(inputs, fp, plan) -> StepBytes   bytes a decode step reads per link at full context
     make(args, capacity, ...) -> KVCache      a fresh cache (``budgets=None``: the KV whole on the device)
+    calibrate(cache) -> options | None        options fitted to a model by a teacher-forced run (`localkv eval`)
 
 and the cache it makes reports ``stats()`` (a dict: the side panel shows the keys it knows, lists the rest).
 """
@@ -149,6 +150,11 @@ class Policy:
         return StepBytes(hbm=plan.gpu.bytes, h2d=plan.cpu.bytes if inputs.on_gpu else 0, disk=plan.disk.bytes,
                          how=f"{self.name}: weights once from GPU memory, every KV byte once over PCIe / from disk")
 
+    def calibrate(self, cache: "KVCache") -> dict[str, Any] | None:
+        """Options fitted to a model from a cache of this policy after a teacher-forced run (``localkv eval
+        --calibrate`` stores them beside the model, and the engine uses them as defaults); None: nothing to fit."""
+        return None
+
     def make(self, args: ModelArgs, capacity: int, *, budgets: "Budgets | None", device: torch.device,
              dtype: torch.dtype, **options) -> "KVCache":
         """A fresh cache of ``capacity`` tokens; ``budgets=None`` keeps the KV whole in the device's memory."""
@@ -178,6 +184,14 @@ def _field_docs(cls: type) -> dict[str, str]:
                 and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str)):
             docs[a.target.id] = " ".join(b.value.value.split())
     return docs
+
+
+def scoped(options: dict[str, Any], policy: str) -> dict[str, Any]:
+    """The options of ``policy`` among options given to several (``--policy-opt`` of bench and eval): a plain key
+    applies to every policy, ``policy.key`` to that one only (``louiskv.tau=0.8``)."""
+    out = {k: v for k, v in options.items() if "." not in k}
+    out.update({k.partition(".")[2]: v for k, v in options.items() if k.partition(".")[0] == policy and "." in k})
+    return out
 
 
 _REGISTRY: dict[str, Policy] = {}

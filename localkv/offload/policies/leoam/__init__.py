@@ -3,13 +3,11 @@
     cache.py      `LeoAM`, the cache: options (`LeoAMConfig`), the store, stats; the planner's arithmetic
     layer.py      one layer's prefill (exact) and decode (score abstracts, select within the budget, fetch, attend)
     chunking.py   variable chunks from measured attention (16-token units), fixed chunks, the abstracts
-    disk_reads.py the selected chunks' disk blocks: reader threads, a bounded host cache, prefetch a layer ahead,
-                  the int8 / int4 codes of quantized disk pages decoded on the device (``disk_quant``)
 
 Kernels: `chunk_scores` (min/max upper bound), `topk_ids`, `slot_assign`, `gather_pages`, `sparse_attention`;
 the chunk cache and the store reads are `offload.chunks` (`ChunkBuffer`, `StoreChunks`, whose disk path
-`disk_reads.LayerChunks` replaces), the exact prefill `offload.streamed`, the quantized disk pages
-`offload.disk_codec` (`kv_quant`'s kernels).
+`offload.disk_reads.LayerChunks` replaces: reader threads, a bounded host cache, prefetch a layer ahead), the
+exact prefill `offload.streamed`, the quantized disk pages `offload.disk_codec` (`kv_quant`'s kernels).
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ from ...pipeline import BlockReader
 from ...store import Budgets, KVStore
 from ...streamed import SparseStoreCache
 from .chunking import UNIT
-from .disk_reads import BLOCK, DiskBlocks
+from ...disk_reads import BLOCK, DiskBlocks
 from .layer import LeoAMLayer
 
 

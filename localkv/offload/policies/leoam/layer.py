@@ -18,7 +18,7 @@ units per KV head (`kernels.topk_ids`, ties to the lowest id): whole chunks in s
 ``16 k`` tokens is filled, the last one cut to fit. The units' slots in the LRU chunk cache
 (`offload.chunks.ChunkBuffer`, ``cache_factor * k`` units a head) are reused; only misses are fetched from
 whichever tier holds them (`offload.chunks.StoreChunks`; from disk only the 4 KB blocks holding them, through
-`disk_reads`: threads, a host cache, and this step's prefetch of the next layer's blocks of its last step).
+`offload.disk_reads`: threads, a host cache, and this step's prefetch of the next layer's blocks of its last step).
 One `kernels.sparse_attention` over the dense part
 ``[sink | window]`` (causal) and the slots gives the exact attention over the attended tokens. With the budget
 covering every sealed unit this is exact attention.
@@ -32,10 +32,11 @@ import torch
 
 from ....kernels import chunk_scores, quantize_minmax, sparse_attention, topk_ids
 from ...chunks import ChunkBuffer, add_recall, keep_keys
+from ...disk_reads import LayerChunks
+from ...growing import Growing
 from ...pages import KEYS, VALUES
 from ...streamed import StreamedAttention
-from .chunking import UNIT, Growing, abstracts, cut_fixed, cut_variable, unit_rows
-from .disk_reads import LayerChunks
+from .chunking import UNIT, abstracts, cut_fixed, cut_variable, unit_rows
 
 
 class LeoAMLayer:

@@ -45,10 +45,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
-from ...chunks import StoreChunks
-from ...disk import run_items
-from ...pages import DISK_ALIGN, KEYS, VALUES
-from ...store import KVStore
+from .chunks import StoreChunks
+from .disk import run_items
+from .pages import DISK_ALIGN, KEYS, VALUES
+from .store import KVStore
 
 BLOCK = DISK_ALIGN
 """Bytes per block: the unit of disk reads and of the host cache."""
