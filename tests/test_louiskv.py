@@ -9,6 +9,7 @@ from localkv.errors import UserError
 from localkv.offload import make_cache
 from localkv.offload.policies.louiskv.index import UNIT, cluster_order, segment_units
 from localkv.offload.store import Budgets
+from policy_runs import run as _run, tier_budgets as _budgets
 
 V = 100  # vocabulary of the tiny model
 OPTS = dict(sink_tokens=16, window_tokens=16, cluster_tokens=64, output_tokens=32, max_segment_tokens=48,
@@ -21,16 +22,6 @@ def torch_references(monkeypatch):
     monkeypatch.setenv("LOCALKV_KERNELS", "ref")
 
 
-def _budgets(args, tmp_path, gpu_pages, cpu_pages, page=32):
-    page_bytes = 2 * args.n_kv_heads * page * args.head_dim * 4
-    return Budgets(page_bytes * args.n_layers * gpu_pages, page_bytes * args.n_layers * cpu_pages, tmp_path)
-
-
-def _run(model, cache, ids, cuts, decode_to):
-    """Prefill ids in the given pieces, then decode one token at a time up to ``decode_to``; all logits."""
-    out = [model(ids[a:b], cache, all_logits=True) for a, b in zip(cuts, cuts[1:])]
-    out += [model(ids[t:t + 1], cache, decode=True) for t in range(cuts[-1], decode_to)]
-    return torch.cat(out)
 
 
 def test_full_budget_equals_exact_over_cpu_and_disk_pages(tiny, tmp_path):

@@ -28,6 +28,13 @@ UNIT = 16
 BITS = (8, 4)
 
 
+def disk_ratio(n_kv_heads: int, head_dim: int, page_tokens: int, bits: int) -> float:
+    """Disk bytes of a page quantized at ``bits`` over its bytes in bf16, for the planner (scales stay in host
+    memory)."""
+    geometry = PageGeometry(1, n_kv_heads, head_dim, page_tokens, torch.bfloat16)
+    return QuantizedPages(geometry).page_bytes(bits) / geometry.page_bytes
+
+
 class QuantizedPages:
     """Encode and decode one geometry's pages (``(parts, Hkv, P, D)``) at 8 or 4 bits per element."""
 

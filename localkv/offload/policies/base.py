@@ -110,6 +110,15 @@ class StepBytes:
     notes: list[str] = field(default_factory=list)
 
 
+def parse_options(config: type, policy: str, options: dict[str, Any]) -> Any:
+    """``config(**options)`` (an options dataclass), a UserError naming any option it does not have."""
+    known = {f.name for f in fields(config)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise UserError(f"unknown {policy} option(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    return config(**options)
+
+
 class Policy:
     """A KV policy as the planner and the engine see it. Subclasses set the class attributes and ``make``."""
 
@@ -130,11 +139,7 @@ class Policy:
             if options:
                 raise UserError(f"the {self.name} policy takes no options (got {', '.join(sorted(options))})")
             return None
-        known = {f.name for f in fields(self.config)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise UserError(f"unknown {self.name} option(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-        return self.config(**options)
+        return parse_options(self.config, self.name, options)
 
     def store_parts(self, options: dict[str, Any]) -> int:
         """Parts of a store page under these options: 2 (K and V) or 1 (values only)."""

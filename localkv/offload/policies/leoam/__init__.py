@@ -25,8 +25,6 @@ class LeoAMPolicy(Policy):
     sparse = True
     config = LeoAMConfig
 
-    def parse(self, options):
-        return LeoAMConfig.from_options(dict(options or {}))
 
     def footprint(self, inputs: PlanInputs) -> Footprint:
         """Abstracts, unit map, chunk cache, sink and window on the device, before any page; int8 abstracts and a

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -32,13 +32,14 @@ from ....errors import UserError
 from ....models.args import ModelArgs
 from ....units import parse_bytes
 from ...chunks import CPU_TIER, DEVICE_TIER, DISK_TIER, ChunkBuffer
-from ...disk_codec import QuantizedPages
+from ...disk_codec import QuantizedPages, disk_ratio as quantized_ratio
 from ...pages import PageGeometry
 from ...pipeline import BlockReader
 from ...store import Budgets, KVStore
 from ...streamed import SparseStoreCache
 from .chunking import UNIT
 from ...disk_reads import BLOCK, DiskBlocks
+from ..base import parse_options
 from .layer import LeoAMLayer
 
 
@@ -128,13 +129,6 @@ class LeoAMConfig:
         if self.abstract_dtype not in (None, "kv", "int8"):
             raise UserError(f"abstract_dtype must be 'kv' or 'int8', got {self.abstract_dtype!r}")
 
-    @classmethod
-    def from_options(cls, options: dict) -> "LeoAMConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise UserError(f"unknown leoam option(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-        return cls(**options)
 
 
 def budget_tokens(budget: int | float | None, n_tokens: int) -> int:
@@ -158,8 +152,7 @@ def disk_ratio(args: ModelArgs, cfg: LeoAMConfig) -> float:
     0.25 at int4; their scales stay in host memory)."""
     if not cfg.disk_quant:
         return 1.0
-    geometry = PageGeometry(1, args.n_kv_heads, args.head_dim, cfg.page_tokens, torch.bfloat16)
-    return QuantizedPages(geometry).page_bytes(4 if cfg.disk_quant == "int4" else 8) / geometry.page_bytes
+    return quantized_ratio(args.n_kv_heads, args.head_dim, cfg.page_tokens, 4 if cfg.disk_quant == "int4" else 8)
 
 
 DEFAULT_CACHE_FACTOR = 2.0
@@ -210,7 +203,7 @@ class LeoAM(SparseStoreCache):
     def __init__(self, args: ModelArgs, capacity: int, *, budgets: Budgets | None, device: torch.device | str,
                  dtype: torch.dtype, **options):
         super().__init__(capacity)
-        self.config = cfg = LeoAMConfig.from_options(options)
+        self.config = cfg = parse_options(LeoAMConfig, "leoam", options)
         self.args = args
         self.n_layers = args.n_layers
         device = torch.device(device)

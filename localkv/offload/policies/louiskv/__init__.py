@@ -28,8 +28,6 @@ class LouisKVPolicy(Policy):
     sparse = True
     config = LouisKVConfig
 
-    def parse(self, options):
-        return LouisKVConfig.from_options(dict(options or {}))
 
     def footprint(self, inputs: PlanInputs) -> Footprint:
         """Centroids, unit map, unit cache, sink and window on the device, before any page (a unit cache of one

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import os
 from collections import deque
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,12 +29,13 @@ from ....errors import UserError
 from ....models.args import ModelArgs
 from ....units import parse_bytes
 from ...chunks import CPU_TIER, DEVICE_TIER, DISK_TIER
-from ...disk_codec import QuantizedPages
+from ...disk_codec import QuantizedPages, disk_ratio as quantized_ratio
 from ...disk_reads import BLOCK, DiskBlocks
 from ...pages import PageGeometry
 from ...pipeline import BlockReader
 from ...store import Budgets, KVStore
 from ...streamed import SparseStoreCache
+from ..base import parse_options
 from .index import UNIT
 from .layer import LouisKVLayer
 
@@ -119,13 +120,6 @@ class LouisKVConfig:
         if isinstance(self.tau, str):   # --policy-opt tau=0.8 arrives parsed; a list only from a calibration
             raise UserError(f"tau must be a number, got {self.tau!r}")
 
-    @classmethod
-    def from_options(cls, options: dict) -> "LouisKVConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise UserError(f"unknown louiskv option(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-        return cls(**options)
 
 
 def budget_tokens(budget: int | float | None, n_tokens: int) -> int:
@@ -152,8 +146,7 @@ def disk_ratio(args: ModelArgs, cfg: LouisKVConfig) -> float:
     """Disk bytes of a page over its bytes in memory (bf16), for the planner."""
     if not cfg.disk_quant:
         return 1.0
-    geometry = PageGeometry(1, args.n_kv_heads, args.head_dim, cfg.page_tokens, torch.bfloat16)
-    return QuantizedPages(geometry).page_bytes(4 if cfg.disk_quant == "int4" else 8) / geometry.page_bytes
+    return quantized_ratio(args.n_kv_heads, args.head_dim, cfg.page_tokens, 4 if cfg.disk_quant == "int4" else 8)
 
 
 def plan_bytes(args: ModelArgs, ctx_tokens: int, elt: int, cfg: LouisKVConfig | None = None) -> tuple[int, int, int]:
@@ -190,7 +183,7 @@ class LouisKV(SparseStoreCache):
     def __init__(self, args: ModelArgs, capacity: int, *, budgets: Budgets | None, device: torch.device | str,
                  dtype: torch.dtype, **options):
         super().__init__(capacity)
-        self.config = cfg = LouisKVConfig.from_options(options)
+        self.config = cfg = parse_options(LouisKVConfig, "louiskv", options)
         self.args = args
         self.n_layers = args.n_layers
         self.tau = layer_taus(cfg.tau, args.n_layers)

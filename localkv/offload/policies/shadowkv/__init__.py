@@ -26,8 +26,6 @@ class ShadowKVPolicy(Policy):
     sparse = True
     config = ShadowKVConfig
 
-    def parse(self, options):
-        return ShadowKVConfig.from_options(dict(options or {}))
 
     def store_parts(self, options):
         return store_parts(options)

@@ -37,7 +37,7 @@ recent window; a session cannot be saved nor the KV exported (a one-line UserErr
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
@@ -50,6 +50,7 @@ from ...pages import PageGeometry
 from ...pipeline import BlockReader
 from ...store import Budgets, KVStore
 from ...streamed import SparseStoreCache
+from ..base import parse_options
 from .graph import graph_view, signature
 from .layer import NO_EXACT_KEYS, ShadowKVLayer
 
@@ -114,13 +115,6 @@ class ShadowKVConfig:
         self.sink_tokens = -(-self.sink_tokens // C) * C
         self.window_tokens = max(self.window_tokens, (self.local_chunks + 1) * C)
 
-    @classmethod
-    def from_options(cls, options: dict) -> "ShadowKVConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise UserError(f"unknown shadowkv option(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-        return cls(**options)
 
 
 class RopeTable:
@@ -159,7 +153,7 @@ def values_on_gpu(need: int, gpu_bytes: int, cpu_bytes: int) -> bool:
 
 def store_parts(options: dict) -> int:
     """Parts of a store page under these options, for the planner: 2 (K and V), or 1 with ``exact_keys=False``."""
-    return 2 if ShadowKVConfig.from_options(options).exact_keys else 1
+    return 2 if parse_options(ShadowKVConfig, "shadowkv", options).exact_keys else 1
 
 
 def host_part_bytes(args: ModelArgs, ctx_tokens: int, elt: int) -> tuple[int, int]:
@@ -204,7 +198,7 @@ class ShadowKV(SparseStoreCache):
     def __init__(self, args: ModelArgs, capacity: int, *, budgets: Budgets | None, device: torch.device | str,
                  dtype: torch.dtype, **options):
         super().__init__(capacity)
-        self.config = cfg = ShadowKVConfig.from_options(options)
+        self.config = cfg = parse_options(ShadowKVConfig, "shadowkv", options)
         self.args = args
         self.n_layers = args.n_layers
         device = torch.device(device)
