@@ -224,3 +224,23 @@ def test_planner_counts_the_centroids(tmp_path, capsys):
     assert plan.policy_options == {"cache_factor": 1.0, "disk_quant": "int8"} and plan.disk.tokens > 0.9 * (1 << 20)
     assert main(["plan", "--policy", "louiskv", "--ctx", "32K"]) == 0
     assert "louiskv" in capsys.readouterr().out
+
+
+def test_disk_full_during_prefill_keeps_the_cache_consistent(tiny, tmp_path):
+    """A prefill whose seals fill the disk tier stops with a one-line disk error; the cache cut back to what it held
+    before decodes as a cache that never saw the failed chunk (full budget: both must be exact's)."""
+    model, args = tiny
+    page_bytes = 2 * args.n_kv_heads * 32 * args.head_dim * 4
+    budgets = Budgets(0, 2 * page_bytes * args.n_layers, tmp_path / "kv", 6 * page_bytes * args.n_layers)
+    ids = torch.randint(0, V, (700,))
+    full, clean = (make_cache("louiskv", args, 1024, budget=1.0, **OPTS,
+                              budgets=budgets if i == 0 else _budgets(args, tmp_path / "b", 0, 2)) for i in range(2))
+    with torch.no_grad():
+        _run(model, full, ids, [0, 200], 200)
+        with pytest.raises(UserError, match="disk"):
+            model(ids[200:700], full)
+        full.truncate(200)
+        _run(model, clean, ids, [0, 200], 200)
+        want = _run(model, clean, ids, [200], 230)
+        got = _run(model, full, ids, [200], 230)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
